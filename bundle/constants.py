@@ -1,0 +1,19 @@
+"""Names shared across the bundle: modalities and the label conventions of the BraTS releases."""
+
+#: Channel order of every multi-file case written by the datalist builder and the demo generator.
+MODALITIES = ("t1", "t1c", "t2", "flair")
+
+#: Channel order of a 4D single-file case from the Medical Segmentation Decathlon (Task01_BrainTumour).
+MSD_MODALITIES = ("flair", "t1", "t1c", "t2")
+
+#: Region definitions (region name -> label values it contains), per dataset convention (SPEC section 2).
+#: "brats" covers BraTS 2013-2021: 1 necrosis / NCR, 2 edema, 3 non-enhancing (2013/2015 only), 4 enhancing.
+REGION_PRESETS = {
+    "brats": {"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]},
+    "brats2023": {"whole_tumor": [1, 2, 3], "tumor_core": [1, 3], "enhancing_tumor": [3]},
+    "msd": {"whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [2]},
+}
+
+#: Label value painted for each region when a region prediction is turned back into a label map
+#: (regions painted in order, so nested regions keep their innermost value).
+REGION_LABEL_PRESETS = {"brats": [2, 1, 4], "brats2023": [2, 1, 3], "msd": [1, 3, 2]}
