@@ -1,0 +1,184 @@
+"""The SegAN adversarial trainer: a MONAI ``Trainer`` whose iteration plays the min-max game of section 2.3."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.losses import DiceLoss
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim import Optimizer
+
+from .losses import MultiScaleL1Loss
+from .networks import SegANCritics
+
+__all__ = ["SegANTrainer", "CRITIC_LOSS", "ADVERSARIAL_LOSS"]
+
+#: Engine output key of the critic's loss (the multi-scale L1 loss it maximises).
+CRITIC_LOSS = "critic_loss"
+#: Engine output key of the segmentor's adversarial term (``CommonKeys.LOSS`` also holds the Dice term).
+ADVERSARIAL_LOSS = "adversarial_loss"
+
+
+class SegANTrainer(Trainer):
+    """Alternating critic / segmentor training with the multi-scale L1 loss (Xue et al. 2018, section 2.3).
+
+    Each iteration:
+
+    1. the segmentor predicts probability maps ``S(x) = sigmoid(network(x))``;
+    2. **critic step** with S fixed: ``-L`` is minimised, i.e. the critics *maximise* the multi-scale loss
+       between ``x o S(x)`` (detached) and ``x o y``; then every critic weight is clamped to ``[-clip, clip]``;
+    3. **segmentor step** with C fixed: ``L`` (plus ``dice_weight`` times a soft Dice loss, optional) is
+       minimised, the gradient reaching S only through the critics.
+
+    The engine output holds ``image``, ``label``, ``pred`` (probabilities), ``loss`` (the segmentor's total
+    loss), ``adversarial_loss`` and ``critic_loss``; ``IterationEvents`` fire as in ``SupervisedTrainer``
+    (forward, loss and backward completed for the segmentor step, model completed after both updates).
+
+    Args:
+        device: where the networks run.
+        max_epochs: epochs to train.
+        train_data_loader: yields batches of 2D slices, ``image`` (B, C, H, W) and ``label`` (B, R, H, W).
+        network: the segmentor (returns logits).
+        critic: the critics (``SegANCritics``), whose ``forward(image, maps)`` gives one feature list each.
+        optimizer: the segmentor's optimiser.
+        critic_optimizer: the critics' optimiser.
+        loss_function: the multi-scale L1 loss; default ``MultiScaleL1Loss("all")``.
+        clip: critic weight clamp (the paper: 0.01); ``None`` or 0 disables it.
+        dice_weight: weight of a soft Dice term added to the segmentor loss (0 = the paper). Public
+            re-implementations add it to stabilise the game (SPEC section 1).
+        critic_steps: critic updates per segmentor update (the paper: 1).
+        other arguments: as ``monai.engines.SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        critic: SegANCritics,
+        optimizer: Optimizer,
+        critic_optimizer: Optimizer,
+        loss_function: Callable | None = None,
+        clip: float | None = 0.01,
+        dice_weight: float = 0.0,
+        critic_steps: int = 1,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = True,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if critic_steps < 1:
+            raise ValueError(f"critic_steps must be >= 1, got {critic_steps}.")
+        if dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight}.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.network = network
+        self.critic = critic
+        self.optimizer = optimizer
+        self.critic_optimizer = critic_optimizer
+        self.loss_function = MultiScaleL1Loss() if loss_function is None else loss_function
+        self.clip = clip
+        self.dice_weight = dice_weight
+        self.dice_loss = DiceLoss(sigmoid=False, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.critic_steps = critic_steps
+        self.optim_set_to_none = optim_set_to_none
+
+    def _autocast(self):
+        if self.amp and self.scaler is not None:
+            return torch.autocast("cuda", **self.amp_kwargs)
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.amp and self.scaler is not None else loss).backward()
+
+    def _update(self, optimizer: Optimizer) -> None:
+        if self.amp and self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def _iteration(self, engine: SegANTrainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image, label = batch[0], batch[1]
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
+        engine.network.train()
+        engine.critic.train()
+
+        with engine._autocast():
+            pred = torch.sigmoid(engine.network(image))
+        engine.state.output[Keys.PRED] = pred
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        # critic step(s): S fixed, C ascends the loss
+        engine.critic.requires_grad_(True)
+        fake = pred.detach()
+        for _ in range(engine.critic_steps):
+            engine.critic_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            with engine._autocast():
+                critic_loss = engine.loss_function(engine.critic(image, fake), engine.critic(image, label))
+            engine._backward(-critic_loss)
+            engine._update(engine.critic_optimizer)
+            if engine.clip:
+                engine.critic.clamp_(engine.clip)
+
+        # segmentor step: C fixed, S descends the same loss through C
+        engine.critic.requires_grad_(False)
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with engine._autocast():
+            with torch.no_grad():
+                real_feats = engine.critic(image, label)
+            adversarial = engine.loss_function(engine.critic(image, pred), real_feats)
+            loss = adversarial
+            if engine.dice_weight:
+                loss = loss + engine.dice_weight * engine.dice_loss(pred.float(), label.float())
+        engine.state.output[Keys.LOSS] = loss
+        engine.state.output[ADVERSARIAL_LOSS] = adversarial.detach()
+        engine.state.output[CRITIC_LOSS] = critic_loss.detach()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine._backward(loss)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine._update(engine.optimizer)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.update()
+        engine.critic.requires_grad_(True)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,58 @@
+"""The multi-scale L1 loss of SegAN (Xue et al. 2018, equations 2 and 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MultiScaleL1Loss"]
+
+#: Which critic layers the loss compares: the paper's multi-scale loss and its single-scale ablations
+#: S3-3C-s0 (the masked input only) and S3-3C-s3 (the last critic layer only), section 3.1.
+LAYER_CHOICES = ("all", "first", "last")
+
+
+class MultiScaleL1Loss(nn.Module):
+    """``l_mae`` of equation (3), averaged over critics.
+
+    For one critic with feature lists ``f`` (prediction-masked input) and ``g`` (ground-truth-masked input),
+    the loss is ``1/L sum_i mean|f_i - g_i|`` over the selected layers ``i``: the mean absolute error of each
+    layer, so layers of different sizes weigh the same. The batch mean is the ``1/N sum_n`` of equation (2).
+    With several critics (the paper's S3-3C) the result is the average of their losses.
+
+    Args:
+        layers: ``"all"`` (the paper's multi-scale loss), ``"first"`` (layer 0, S3-3C-s0), ``"last"``
+            (the deepest layer, S3-3C-s3), or an explicit sequence of layer indices.
+    """
+
+    def __init__(self, layers: str | Sequence[int] = "all") -> None:
+        super().__init__()
+        if isinstance(layers, str) and layers not in LAYER_CHOICES:
+            raise ValueError(f"layers must be one of {LAYER_CHOICES} or a list of layer indices, got {layers!r}.")
+        self.layers = layers
+
+    def _select(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.layers == "all":
+            return list(feats)
+        if self.layers == "first":
+            return [feats[0]]
+        if self.layers == "last":
+            return [feats[-1]]
+        return [feats[i] for i in self.layers]
+
+    def single(self, pred_feats: Sequence[torch.Tensor], true_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Equation (3) for one critic."""
+        if len(pred_feats) != len(true_feats):
+            raise ValueError(f"feature lists differ in length: {len(pred_feats)} vs {len(true_feats)}.")
+        pairs = zip(self._select(pred_feats), self._select(true_feats))
+        return torch.stack([torch.mean(torch.abs(f.float() - g.float())) for f, g in pairs]).mean()
+
+    def forward(
+        self, pred_feats: Sequence[Sequence[torch.Tensor]], true_feats: Sequence[Sequence[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Average of equation (3) over the critics; each argument holds one feature list per critic."""
+        if len(pred_feats) != len(true_feats) or not pred_feats:
+            raise ValueError(f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}.")
+        return torch.stack([self.single(f, g) for f, g in zip(pred_feats, true_feats)]).mean()

@@ -1,0 +1,188 @@
+"""SegAN segmentor and critic networks (Xue et al. 2018, section 2.2 and Fig. 1).
+
+Both are built from MONAI's ``Convolution`` blocks and parameter-free resize layers. The segmentor returns logits: apply a
+sigmoid to get the paper's probability label maps (the trainer and the inference post-processing do this,
+so a threshold is never applied to logits by mistake, SPEC section 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "mask_image"]
+
+_LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
+
+
+def _down_block(spatial_dims: int, in_channels: int, out_channels: int, norm: bool) -> Convolution:
+    """Conv 4x4 stride 2 (pad 1) -> [BN] -> LeakyReLU: one encoder level, halving each spatial size."""
+    return Convolution(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        strides=2,
+        kernel_size=4,
+        padding=1,
+        act=_LEAKY,
+        norm="batch" if norm else None,
+        bias=not norm,
+    )
+
+
+def _up_block(spatial_dims: int, in_channels: int, out_channels: int, mode: str, last: bool) -> nn.Sequential:
+    """Resize x2 -> Conv 3x3 stride 1 [-> BN -> ReLU]: one decoder level (the last one is a bare conv)."""
+    resize = nn.Upsample(scale_factor=2, mode=mode, align_corners=False if "linear" in mode else None)
+    if last:
+        conv = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, conv_only=True)
+    else:
+        conv = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, act="relu", norm="batch", bias=False)
+    return nn.Sequential(resize, conv)
+
+
+class SegANSegmentor(nn.Module):
+    """The segmentor S: a fully convolutional encoder-decoder with U-net skips (paper Fig. 1).
+
+    Encoder: ``len(features)`` blocks of Conv 4x4 stride 2 (the first without BatchNorm) with LeakyReLU.
+    Decoder: the mirrored widths, each block a x2 resize and Conv 3x3 + BN + ReLU, then a last x2 resize and
+    Conv 3x3 to one map per region. The skip connections add the matching encoder output (``skip="add"``,
+    as the paper-faithful public re-implementation) or concatenate it (``skip="cat"``).
+
+    Args:
+        spatial_dims: 2 for the paper's slice network.
+        in_channels: input channels (the paper: T1c, T2, FLAIR).
+        out_channels: one label map per region (the paper's S3: whole tumour, core, enhancing).
+        features: encoder widths; the paper's grid search picked 4 levels of 64, 128, 256, 512.
+        upsample: interpolation of the resize layers, ``"bilinear"`` or ``"nearest"``.
+        skip: ``"add"`` or ``"cat"``.
+
+    Returns logits of shape (B, out_channels, H, W); H and W must be multiples of ``2 ** len(features)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        features: Sequence[int] = (64, 128, 256, 512),
+        upsample: str = "bilinear",
+        skip: str = "add",
+    ) -> None:
+        super().__init__()
+        if skip not in ("add", "cat"):
+            raise ValueError(f"skip must be 'add' or 'cat', got {skip!r}.")
+        if len(features) < 2:
+            raise ValueError(f"features needs at least 2 levels, got {list(features)}.")
+        if upsample == "bilinear" and spatial_dims == 3:
+            upsample = "trilinear"
+        self.skip = skip
+        self.factor = 2 ** len(features)
+        widths = [in_channels, *features]
+        self.encoder = nn.ModuleList(
+            _down_block(spatial_dims, widths[i], widths[i + 1], norm=i > 0) for i in range(len(features))
+        )
+        self.decoder = nn.ModuleList()
+        for level in range(len(features) - 1, 0, -1):
+            # decoder input: the deeper output, concatenated with its skip when skip == "cat"
+            width_in = features[level] * (2 if skip == "cat" and level < len(features) - 1 else 1)
+            self.decoder.append(_up_block(spatial_dims, width_in, features[level - 1], upsample, last=False))
+        width_in = features[0] * (2 if skip == "cat" else 1)
+        self.head = _up_block(spatial_dims, width_in, out_channels, upsample, last=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = [s for s in x.shape[2:] if s % self.factor]
+        if bad:
+            raise ValueError(
+                f"SegANSegmentor needs spatial sizes that are multiples of {self.factor}, got {tuple(x.shape[2:])}: "
+                "crop or pad the input (e.g. DivisiblePad(k=16) or a 160x160 crop)."
+            )
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck has no partner
+        for block in self.decoder:
+            x = block(x)
+            x = self._merge(x, skips.pop())
+        return self.head(x)
+
+    def _merge(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x + skip if self.skip == "add" else torch.cat([x, skip], dim=1)
+
+
+class SegANCritic(nn.Module):
+    """One critic C: the segmentor's encoder with ``len(features)`` down blocks (paper Fig. 1).
+
+    ``forward`` returns the hierarchical features the multi-scale L1 loss compares: the (masked) input
+    itself as layer 0, then the output of every block, flattened per sample to (B, -1).
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, features: Sequence[int] = (64, 128, 256)) -> None:
+        super().__init__()
+        widths = [in_channels, *features]
+        self.blocks = nn.ModuleList(
+            _down_block(spatial_dims, widths[i], widths[i + 1], norm=i > 0) for i in range(len(features))
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [x.flatten(1)]
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x.flatten(1))
+        return feats
+
+
+def mask_image(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``x o y`` of equation (2): every image channel multiplied pixel-wise by every label map.
+
+    image (B, C, ...) and maps (B, R, ...) give (B, R, C, ...): the C-channel masked image of each region.
+    """
+    return image.unsqueeze(1) * maps.unsqueeze(2)
+
+
+class SegANCritics(nn.Module):
+    """The critics of a multi-region SegAN (paper section 3.1).
+
+    ``mode="per_region"`` is S3-3C, the paper's chosen model: one critic per region map, each seeing the
+    image masked by its region. ``mode="joint"`` is S3-1C: one critic whose input is the masked images of
+    all regions concatenated on channels. With one region both are the single-label SegAN (S1-1C).
+
+    ``forward(image, maps)`` returns one feature list per critic.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        num_regions: int = 3,
+        features: Sequence[int] = (64, 128, 256),
+        mode: str = "per_region",
+    ) -> None:
+        super().__init__()
+        if mode not in ("per_region", "joint"):
+            raise ValueError(f"critic mode must be 'per_region' (S3-3C) or 'joint' (S3-1C), got {mode!r}.")
+        self.mode = mode
+        self.num_regions = num_regions
+        if mode == "per_region":
+            self.critics = nn.ModuleList(
+                SegANCritic(spatial_dims, in_channels, features) for _ in range(num_regions)
+            )
+        else:
+            self.critics = nn.ModuleList([SegANCritic(spatial_dims, in_channels * num_regions, features)])
+
+    def forward(self, image: torch.Tensor, maps: torch.Tensor) -> list[list[torch.Tensor]]:
+        if maps.shape[1] != self.num_regions:
+            raise ValueError(f"the critics expect {self.num_regions} label maps, got {maps.shape[1]}.")
+        masked = mask_image(image, maps)
+        if self.mode == "joint":
+            return [self.critics[0](masked.flatten(1, 2))]
+        return [critic(masked[:, r]) for r, critic in enumerate(self.critics)]
+
+    def clamp_(self, clip: float) -> None:
+        """Clamp every critic weight to [-clip, clip] (paper section 2.3, after WGAN)."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.clamp_(-clip, clip)

@@ -1,0 +1,153 @@
+"""Dictionary transforms the SegAN pipeline needs on top of MONAI's: modality selection and label <-> regions.
+
+Everything else in the pipelines (loading, cropping, normalisation, slice sampling, inversion, saving) is a
+MONAI transform wired in the configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from .constants import MODALITIES
+
+__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "source_name"]
+
+
+def source_name(data: Mapping, key: Hashable) -> str:
+    """The file a (Meta)Tensor in ``data[key]`` was loaded from, for error messages."""
+    value = data.get(key)
+    meta = getattr(value, "meta", None) or data.get(f"{key}_meta_dict") or {}
+    name = meta.get("filename_or_obj", None)
+    if isinstance(name, (list, tuple)):
+        name = ", ".join(str(n) for n in name)
+    return str(name) if name else f"the '{key}' of this case"
+
+
+class SelectModalitiesd(MapTransform):
+    """Keep the modality channels the network takes, in the order it takes them.
+
+    The paper feeds T1c, T2 and FLAIR (section 3). Multi-file cases are loaded in ``available`` order
+    (``bundle.constants.MODALITIES`` for the datalist builder); a 4D single-file case from the Medical
+    Segmentation Decathlon stores FLAIR, T1, T1c, T2 and needs ``available=bundle.constants.MSD_MODALITIES``.
+
+    Args:
+        keys: the channel-first image key(s).
+        available: the modality of each loaded channel.
+        selected: the modalities to keep, in network input order.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        available: Sequence[str] = MODALITIES,
+        selected: Sequence[str] = ("t1c", "t2", "flair"),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.available = [str(m).lower() for m in available]
+        self.selected = [str(m).lower() for m in selected]
+        missing = [m for m in self.selected if m not in self.available]
+        if missing:
+            raise ValueError(
+                f"modalities {missing} are not among the image's channels {self.available}: "
+                "set `modalities` to a subset of `image_modalities`."
+            )
+        self.index = [self.available.index(m) for m in self.selected]
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != len(self.available):
+                raise ValueError(
+                    f"{source_name(d, key)}: expected {len(self.available)} channels ({self.available}), got "
+                    f"{image.shape[0]}. Set `image_modalities` to the channel order of your images (a 4D MSD "
+                    "file is ['flair','t1','t1c','t2']), or list one file per modality in the datalist."
+                )
+            if self.index != list(range(len(self.available))):
+                d[key] = image[self.index]
+        return d
+
+
+class LabelToRegionsd(MapTransform):
+    """Turn an integer label map (1, ...) into binary region maps (R, ...), one per region.
+
+    ``regions`` maps a region name to the label values it contains, e.g. the BraTS 2013-2021 convention
+    ``{"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]}`` (SPEC section 2).
+    Label values in no region (besides 0) raise an error naming the file, since they mean the regions do
+    not match the dataset's convention.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        regions: Mapping[str, Sequence[int]],
+        dtype: torch.dtype = torch.uint8,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not regions:
+            raise ValueError("`regions` is empty: give at least one region, e.g. {'tumor': [1]}.")
+        self.regions = {str(k): [int(v) for v in vals] for k, vals in dict(regions).items()}
+        self.known = {0}.union(*self.regions.values())
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if label.shape[0] != 1:
+                raise ValueError(f"{source_name(d, key)}: a label map needs 1 channel, got shape {tuple(label.shape)}.")
+            label_t = torch.as_tensor(label)
+            values = {int(v) for v in torch.unique(label_t).tolist()}
+            unknown = sorted(values - self.known)
+            if unknown:
+                raise ValueError(
+                    f"{source_name(d, key)}: label values {unknown} belong to no region of {self.regions}. "
+                    "Set `label_convention` (brats, brats2023, msd) or `regions` to match your labels."
+                )
+            maps = [torch.isin(label_t[0], torch.tensor(vals, device=label_t.device)) for vals in self.regions.values()]
+            out = torch.stack(maps).to(self.dtype)
+            d[key] = MetaTensor(out, meta=label.meta) if isinstance(label, MetaTensor) else out
+        return d
+
+
+class RegionsToLabeld(MapTransform):
+    """Paint binary region maps (R, ...) back into one integer label map (1, ...) in the dataset's convention.
+
+    Regions are painted in order with ``labels[r]``, so for nested BraTS regions (whole tumour, core,
+    enhancing) with labels ``[2, 1, 4]`` the result is edema 2, necrotic / non-enhancing core 1, enhancing 4.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        labels: Sequence[int],
+        dtype: torch.dtype = torch.uint8,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.labels = [int(v) for v in labels]
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            maps = d[key]
+            if maps.shape[0] != len(self.labels):
+                raise ValueError(
+                    f"{len(self.labels)} region labels {self.labels} for {maps.shape[0]} region maps: "
+                    "`region_labels` needs one value per region."
+                )
+            out = torch.zeros((1, *maps.shape[1:]), dtype=self.dtype, device=maps.device)
+            for r, value in enumerate(self.labels):
+                out[0][torch.as_tensor(maps[r]) > 0] = value
+            d[key] = MetaTensor(out, meta=maps.meta, applied_operations=maps.applied_operations) if isinstance(
+                maps, MetaTensor
+            ) else out
+        return d

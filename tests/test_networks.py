@@ -1,0 +1,83 @@
+"""The segmentor and critic follow the paper's Fig. 1."""
+
+import pytest
+import torch
+from torch import nn
+
+from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor, mask_image
+
+SMALL = (4, 8, 16, 32)
+
+
+@pytest.mark.parametrize("skip", ["add", "cat"])
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+def test_segmentor_maps_each_pixel_to_one_logit_per_region(skip, upsample):
+    net = SegANSegmentor(in_channels=3, out_channels=3, features=SMALL, skip=skip, upsample=upsample)
+    out = net(torch.randn(2, 3, 32, 48))
+    assert out.shape == (2, 3, 32, 48)
+
+
+def test_segmentor_has_four_stride_two_4x4_encoder_blocks_first_without_batchnorm():
+    net = SegANSegmentor()
+    convs = [next(m for m in block.modules() if isinstance(m, nn.Conv2d)) for block in net.encoder]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512]
+    assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) and c.padding == (1, 1) for c in convs)
+    has_bn = [any(isinstance(m, nn.BatchNorm2d) for m in block.modules()) for block in net.encoder]
+    assert has_bn == [False, True, True, True]
+    assert all(any(isinstance(m, nn.LeakyReLU) for m in block.modules()) for block in net.encoder)
+
+
+def test_segmentor_decoder_resizes_then_3x3_convs_down_to_the_region_maps():
+    net = SegANSegmentor(out_channels=2)
+    convs = [m for m in net.decoder.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [256, 128, 64]
+    assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
+    head = [m for m in net.head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(head) == 1 and head[0].out_channels == 2
+
+
+def test_add_skips_sum_the_matching_encoder_level():
+    net = SegANSegmentor(features=SMALL).eval()
+    seen = {}
+    net.encoder[0].register_forward_hook(lambda m, i, o: seen.setdefault("enc", o))
+    net.head.register_forward_pre_hook(lambda m, i: seen.setdefault("head_in", i[0]))
+    net.decoder[-1].register_forward_hook(lambda m, i, o: seen.setdefault("dec", o))
+    net(torch.randn(1, 3, 32, 32))
+    torch.testing.assert_close(seen["head_in"], seen["dec"] + seen["enc"])
+
+
+def test_segmentor_rejects_sizes_that_are_not_multiples_of_16():
+    net = SegANSegmentor(features=SMALL)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        net(torch.randn(1, 3, 40, 32))
+
+
+def test_critic_returns_masked_input_and_each_block_output():
+    critic = SegANCritic(in_channels=3, features=(4, 8, 16))
+    feats = critic(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in feats] == [(2, 3 * 32 * 32), (2, 4 * 16 * 16), (2, 8 * 8 * 8), (2, 16 * 4 * 4)]
+
+
+def test_masking_multiplies_every_channel_by_every_map():
+    image = torch.arange(2 * 3 * 2 * 2, dtype=torch.float).reshape(2, 3, 2, 2)
+    maps = torch.rand(2, 4, 2, 2)
+    masked = mask_image(image, maps)
+    assert masked.shape == (2, 4, 3, 2, 2)
+    torch.testing.assert_close(masked[1, 2, 0], image[1, 0] * maps[1, 2])
+
+
+def test_s3_3c_has_one_critic_per_region_and_s3_1c_one_joint_critic():
+    image, maps = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    per_region = SegANCritics(in_channels=3, num_regions=3, features=(4, 8, 16))
+    feats = per_region(image, maps)
+    assert len(feats) == 3 and len(feats[0]) == 4
+    torch.testing.assert_close(feats[1][0], (image * maps[:, 1:2]).flatten(1))
+    joint = SegANCritics(in_channels=3, num_regions=3, features=(4, 8, 16), mode="joint")
+    feats = joint(image, maps)
+    assert len(feats) == 1 and feats[0][0].shape == (2, 9 * 32 * 32)
+
+
+def test_clamp_keeps_every_critic_weight_in_range():
+    critics = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16))
+    critics.clamp_(0.01)
+    assert all(p.abs().max() <= 0.01 for p in critics.parameters())
