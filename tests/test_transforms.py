@@ -1,0 +1,68 @@
+"""Labels become the paper's three regions under each dataset's convention, and back."""
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from bundle.constants import MSD_MODALITIES, REGION_LABEL_PRESETS, REGION_PRESETS
+from bundle.transforms import LabelToRegionsd, RegionsToLabeld, SelectModalitiesd
+
+
+def _label(values):
+    return MetaTensor(torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1), meta={"filename_or_obj": "case_seg.nii.gz"})
+
+
+@pytest.mark.parametrize(
+    "convention, values, expected",
+    [
+        # 2013/2015: 1 necrosis, 2 edema, 3 non-enhancing, 4 enhancing
+        ("brats", [0, 1, 2, 3, 4], [[0, 1, 1, 1, 1], [0, 1, 0, 1, 1], [0, 0, 0, 0, 1]]),
+        # 2023+: 1 NCR, 2 edema, 3 enhancing
+        ("brats2023", [0, 1, 2, 3], [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]),
+        # MSD Task01: 1 edema, 2 enhancing, 3 NCR/NET
+        ("msd", [0, 1, 2, 3], [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 0]]),
+    ],
+)
+def test_labels_convert_to_whole_core_enhancing(convention, values, expected):
+    out = LabelToRegionsd("label", REGION_PRESETS[convention])({"label": _label(values)})["label"]
+    assert out.shape == (3, len(values), 1, 1)
+    assert out[..., 0, 0].tolist() == expected
+
+
+def test_brats_2018_labels_convert_with_the_default_convention():
+    out = LabelToRegionsd("label", REGION_PRESETS["brats"])({"label": _label([0, 1, 2, 4])})["label"]
+    assert out[..., 0, 0].tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]
+
+
+def test_custom_regions_give_any_number_of_maps():
+    out = LabelToRegionsd("label", {"GM": [1], "WM": [2]})({"label": _label([0, 1, 2, 2])})["label"]
+    assert out[..., 0, 0].tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_unexpected_label_value_names_the_file():
+    with pytest.raises(ValueError, match=r"case_seg\.nii\.gz.*\[5\]"):
+        LabelToRegionsd("label", REGION_PRESETS["brats2023"])({"label": _label([0, 1, 5])})
+
+
+@pytest.mark.parametrize("convention", ["brats", "brats2023", "msd"])
+def test_regions_paint_back_to_the_dataset_labels(convention):
+    values = {"brats": [0, 1, 2, 4], "brats2023": [0, 1, 2, 3], "msd": [0, 1, 2, 3]}[convention]
+    regions = LabelToRegionsd("label", REGION_PRESETS[convention])({"label": _label(values)})["label"]
+    back = RegionsToLabeld("pred", REGION_LABEL_PRESETS[convention])({"pred": regions})["pred"]
+    assert back.flatten().tolist() == values
+
+
+def test_modalities_are_selected_by_name_from_either_channel_order():
+    image = torch.arange(4).float().reshape(4, 1, 1, 1)  # t1, t1c, t2, flair
+    out = SelectModalitiesd("image", selected=["t1c", "t2", "flair"])({"image": image})["image"]
+    assert out.flatten().tolist() == [1, 2, 3]
+    msd = torch.arange(4).float().reshape(4, 1, 1, 1)  # flair, t1, t1c, t2
+    out = SelectModalitiesd("image", available=MSD_MODALITIES, selected=["t1c", "t2", "flair"])({"image": msd})["image"]
+    assert out.flatten().tolist() == [2, 3, 0]
+
+
+def test_wrong_channel_count_and_unknown_modality_are_explained():
+    with pytest.raises(ValueError, match="image_modalities"):
+        SelectModalitiesd("image")({"image": torch.zeros(3, 1, 1, 1)})
+    with pytest.raises(ValueError, match="subset"):
+        SelectModalitiesd("image", selected=["pd"])
