@@ -1,0 +1,300 @@
+"""Decathlon-style datalists for BraTS data (SPEC section 2).
+
+SegAN was trained and validated on BRATS 2015 (220 HGG + 54 LGG subjects) split 9:1 into training and
+validation *separately for HGG and LGG* and then recombined (SegAN paper, section 4.1). This module finds
+the cases of a BraTS release on disk, makes that split, and loads the resulting datalist for the configs.
+
+Two layouts are recognised anywhere under ``dataset_dir``:
+
+* BraTS 2013/2015, ITK MetaImage, one folder per modality::
+
+      <...>/HGG/<subject>/VSD.Brain.XX.O.MR_Flair.<id>/VSD.Brain.XX.O.MR_Flair.<id>.mha
+      <...>/HGG/<subject>/VSD.Brain_3more.XX.O.OT.<id>/VSD.Brain_3more.XX.O.OT.<id>.mha
+
+  likewise ``MR_T1``, ``MR_T1c`` and ``MR_T2``; the label folder may also be ``VSD.Brain_2more``.
+* BraTS 2018-2021, NIfTI, one folder per case: ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``
+  (``t1ce`` is called ``t1c`` here). This is also the layout of the synthetic demo data (``bundle.demo``).
+
+Every datalist item has the form::
+
+    {"image": [t1, t1c, t2, flair], "label": seg, "case": "<case id>", "grade": "HGG" | "LGG" | None}
+
+with the images always in :data:`bundle.constants.MODALITIES` order and paths relative to ``dataset_dir``
+(posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
+folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from bundle.constants import MODALITIES
+
+__all__ = ["GRADES", "find_cases", "split_cases", "build_datalist", "load_datalist"]
+
+#: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
+GRADES = ("HGG", "LGG")
+
+# BraTS 2013/2015: the modality is the token before the numeric id, e.g. "VSD.Brain.XX.O.MR_T1c.54513.mha".
+# "MR_T1c" is listed before "MR_T1" and the token must end at a dot, so the two are never confused.
+_MHA_PATTERN = re.compile(r"\.(MR_T1c|MR_T1|MR_T2|MR_Flair|OT)\.[^.]+\.mha$", re.IGNORECASE)
+_MHA_NAMES = {"mr_t1": "t1", "mr_t1c": "t1c", "mr_t2": "t2", "mr_flair": "flair", "ot": "label"}
+# A modality folder such as "VSD.Brain.XX.O.MR_Flair.54512": the case is the folder above it.
+_MHA_FOLDER_PATTERN = re.compile(r"^VSD\.Brain", re.IGNORECASE)
+
+# BraTS 2018-2021: "<case>_<suffix>.nii.gz"; the suffix must be followed by ".nii", so "_t1" never eats "_t1ce".
+_NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<suffix>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_NIFTI_NAMES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair", "seg": "label"}
+
+_LAYOUTS_SEARCHED = (
+    "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
+    "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
+)
+_HOW_TO_PREPARE = "write one with: python scripts/prepare_datalist.py --dataset_dir <data> --output <file.json>"
+
+
+def _check_dataset_dir(dataset_dir) -> Path:
+    if not dataset_dir:
+        raise ValueError(
+            "dataset_dir is empty: set it to the folder holding the BraTS data (e.g. --dataset_dir data/BRATS2015), "
+            "or make demo data with: python scripts/make_demo_data.py --output_dir data/demo"
+        )
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset_dir '{dataset_dir}' does not exist: point it at the folder holding the BraTS data, "
+            "or make demo data there with: python scripts/make_demo_data.py --output_dir <dataset_dir>"
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset_dir '{dataset_dir}' is a file, not a folder: point it at the data folder.")
+    return root
+
+
+def _grade_of(folder: Path, root: Path) -> str | None:
+    """Grade from the nearest ``HGG``/``LGG`` folder between ``root`` and ``folder`` (``None`` if there is none)."""
+    for part in reversed(folder.relative_to(root).parts):
+        if part.upper() in GRADES:
+            return part.upper()
+    return None
+
+
+def _scan(root: Path) -> dict[tuple[str, str], dict]:
+    """Group the modality files under ``root`` by case: ``(case folder, case id) -> {"files": {name: path}}``."""
+    groups: dict[tuple[str, str], dict] = {}
+    for folder, subfolders, files in os.walk(root):
+        # skip hidden folders (e.g. the demo generator's half-written ".demo.tmp-*") and macOS archive debris
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            match = _MHA_PATTERN.search(name)
+            if match:
+                modality = _MHA_NAMES[match.group(1).lower()]
+                case_dir = path.parent.parent if _MHA_FOLDER_PATTERN.match(path.parent.name) else path.parent
+                case_id = case_dir.name
+            else:
+                match = _NIFTI_PATTERN.match(name)
+                if not match:
+                    continue
+                modality = _NIFTI_NAMES[match.group("suffix").lower()]
+                case_dir, case_id = path.parent, match.group("case")
+            group = groups.setdefault((str(case_dir), case_id), {"dir": case_dir, "files": {}})
+            if modality in group["files"]:
+                raise ValueError(
+                    f"case '{case_id}' in '{case_dir}' has two {modality} files: '{group['files'][modality]}' and "
+                    f"'{path}'. Remove one of them."
+                )
+            group["files"][modality] = path
+    return groups
+
+
+def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
+    """Find every BraTS case under ``dataset_dir`` (searched recursively, hidden folders skipped).
+
+    Args:
+        dataset_dir: root folder of a BraTS release, or any folder above it.
+        require_label: keep only cases with a ground-truth label (training/validation). With ``False`` the
+            cases without one (e.g. the BRATS 2015 test subjects) are included too, without a ``"label"`` key.
+
+    Returns:
+        datalist items ``{"image": [t1, t1c, t2, flair], "label", "case", "grade"}`` sorted by case id, paths
+        relative to ``dataset_dir`` with posix separators.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` is missing, or holds no case in a known layout.
+        ValueError: a case lacks one of the four modalities (the message names the case and the modality).
+    """
+    root = _check_dataset_dir(dataset_dir)
+    groups = _scan(root)
+    if not groups:
+        raise FileNotFoundError(f"no BraTS case found under '{dataset_dir}'. Layouts searched: {_LAYOUTS_SEARCHED}.")
+
+    cases, unlabelled = [], 0
+    for (_, case_id), group in groups.items():
+        files = group["files"]
+        missing = [m for m in MODALITIES if m not in files]
+        if missing:
+            raise ValueError(
+                f"case '{case_id}' in '{group['dir']}' is missing modality {', '.join(missing)} "
+                f"(found: {', '.join(sorted(files)) or 'nothing'}). SegAN needs all of {', '.join(MODALITIES)}: "
+                "restore the missing file(s) or move the case out of dataset_dir."
+            )
+        if "label" not in files:
+            unlabelled += 1
+            if require_label:
+                continue
+        item = {"image": [files[m].relative_to(root).as_posix() for m in MODALITIES]}
+        if "label" in files:
+            item["label"] = files["label"].relative_to(root).as_posix()
+        item["case"] = case_id
+        item["grade"] = _grade_of(group["dir"], root)
+        cases.append((item, group["dir"].relative_to(root).as_posix()))
+
+    if not cases:
+        raise FileNotFoundError(
+            f"none of the {unlabelled} case(s) under '{dataset_dir}' has a label (OT .mha or *_seg.nii.gz): "
+            "training needs labelled cases; point dataset_dir at the training data."
+        )
+    # a case id seen twice (e.g. one subject in two copies of a release) is replaced by its folder path,
+    # so that case ids stay unique and the split stays unambiguous
+    seen: dict[str, int] = {}
+    for item, _ in cases:
+        seen[item["case"]] = seen.get(item["case"], 0) + 1
+    for item, case_dir in cases:
+        if seen[item["case"]] > 1:
+            item["case"] = case_dir
+    return sorted((item for item, _ in cases), key=lambda item: (item["case"], item["image"][0]))
+
+
+def _group_key(grade) -> tuple:
+    return (GRADES.index(grade), "") if grade in GRADES else (len(GRADES), str(grade or ""))
+
+
+def split_cases(cases: Sequence[dict], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Split cases into training and validation, separately per grade, then recombine (SegAN paper, section 4.1).
+
+    Each grade group (HGG, LGG, then cases without a grade) is shuffled with its own generator seeded by
+    ``seed`` and ``round(val_fraction * n)`` of its cases go to validation; a group of two or more cases
+    always gives at least one validation case and keeps at least one training case (unless
+    ``val_fraction`` is 0). The split depends only on the case ids, not on the input order.
+
+    Returns:
+        ``(training, validation)``, each sorted by case id.
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    groups: dict[tuple, list[dict]] = {}
+    for item in cases:
+        groups.setdefault(_group_key(item.get("grade")), []).append(item)
+
+    train, val = [], []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda item: (item["case"], str(item["image"])))
+        n_val = int(math.floor(val_fraction * len(group) + 0.5))
+        if val_fraction > 0 and len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        order = list(range(len(group)))
+        random.Random(int(seed)).shuffle(order)
+        chosen = set(order[:n_val])
+        for i, item in enumerate(group):
+            (val if i in chosen else train).append(item)
+
+    def by_case(item):
+        return (item["case"], str(item["image"]))
+
+    return sorted(train, key=by_case), sorted(val, key=by_case)
+
+
+def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
+    """Labelled cases under ``dataset_dir`` as ``{"training": [...], "validation": [...]}`` (:func:`split_cases`)."""
+    train, val = split_cases(find_cases(dataset_dir, require_label=True), val_fraction=val_fraction, seed=seed)
+    return {"training": train, "validation": val}
+
+
+def _resolve(path, base: Path, where: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: expected a file path, got {path!r}.")
+    full = Path(path) if os.path.isabs(path) else base / path
+    full = Path(os.path.normpath(os.path.abspath(full)))
+    if not full.is_file():
+        raise FileNotFoundError(
+            f"{where}: file '{full}' does not exist. Check dataset_dir (relative paths are resolved against "
+            f"'{base}') or regenerate the datalist ({_HOW_TO_PREPARE})."
+        )
+    return str(full)
+
+
+def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> list[dict]:
+    """Items of one section of a datalist, with absolute paths, ready for a MONAI ``Dataset``.
+
+    This is what ``configs/train.json`` calls for ``train#dataset#data`` and ``validate#dataset#data``.
+
+    Args:
+        data_list_file_path: a Decathlon-style JSON file; if empty (``None`` or ``""``) the datalist is built in
+            memory from ``dataset_dir`` with :func:`build_datalist` (9:1 per-grade split, seed 0).
+        dataset_dir: folder that relative paths are resolved against (if empty: the datalist file's folder,
+            as in ``monai.data.load_decathlon_datalist``). Absolute paths are kept.
+        key: section to return, e.g. ``"training"`` or ``"validation"``.
+
+    Returns:
+        a list of items whose ``"image"`` is a list of modality files or one 4D file (both kept as given),
+        ``"label"`` one file; every listed file is checked to exist. A ``None`` grade becomes ``""`` because
+        MONAI's collate cannot batch ``None``.
+    """
+    if not data_list_file_path:
+        if key not in ("training", "validation"):
+            raise ValueError(
+                f"key '{key}' cannot be built from dataset_dir (only 'training' and 'validation'); {_HOW_TO_PREPARE}"
+            )
+        items = build_datalist(dataset_dir)[key]
+        base = _check_dataset_dir(dataset_dir)
+        source = f"datalist built from '{dataset_dir}'"
+    else:
+        list_file = Path(data_list_file_path)
+        if not list_file.is_file():
+            raise FileNotFoundError(
+                f"datalist file '{data_list_file_path}' does not exist: {_HOW_TO_PREPARE}, or set "
+                "data_list_file_path to '' to build the datalist from dataset_dir."
+            )
+        with open(list_file, encoding="utf-8") as f:
+            try:
+                content = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"datalist file '{list_file}' is not valid JSON ({e}); {_HOW_TO_PREPARE}") from e
+        if not isinstance(content, dict) or key not in content:
+            found = ", ".join(sorted(content)) if isinstance(content, dict) else type(content).__name__
+            raise ValueError(f"datalist file '{list_file}' has no '{key}' section (found: {found}); {_HOW_TO_PREPARE}")
+        items = content[key]
+        if not isinstance(items, list):
+            raise ValueError(f"section '{key}' of datalist file '{list_file}' must be a list of items.")
+        base = Path(dataset_dir) if dataset_dir else list_file.parent
+        source = f"datalist file '{list_file}'"
+
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):  # a bare path, as in a Decathlon "test" section
+            item = {"image": item}
+        if not isinstance(item, dict) or "image" not in item:
+            raise ValueError(f"{source}, '{key}' item {i}: expected a dict with an 'image' entry, got {item!r}.")
+        where = f"{source}, '{key}' item {i} (case '{item.get('case', '?')}')"
+        resolved = dict(item)
+        image = item["image"]
+        if isinstance(image, (list, tuple)):
+            resolved["image"] = [_resolve(p, base, where) for p in image]
+        else:
+            resolved["image"] = _resolve(image, base, where)
+        if item.get("label") is not None:
+            resolved["label"] = _resolve(item["label"], base, where)
+        else:
+            resolved.pop("label", None)
+        if "grade" in resolved and resolved["grade"] is None:
+            resolved["grade"] = ""
+        out.append(resolved)
+    return out

@@ -1,0 +1,400 @@
+"""Synthetic BraTS-like data, so the bundle can be trained, evaluated and tested on a CPU without BraTS.
+
+The cases imitate what SegAN sees in BRATS (SPEC section 2): four co-registered MR contrasts of a head and
+a label map with the BraTS 2018-2021 values 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour,
+written in the BraTS 2018-2021 NIfTI layout ``<out>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` so that
+:func:`bundle.datalist.find_cases` reads them like the real thing.
+
+Each case is an ellipsoidal head (scalp, dark skull, CSF rim) around a brain whose white/grey-matter mix
+and fine texture come from smoothed noise, with two CSF-filled "ventricles". One or two tumours sit at
+random places in the brain: an irregular blob of edema (bright on T2 and FLAIR) holding an enhancing rim
+(bright on T1c) around a necrotic core (dark on T1c, bright on T2). Contrasts follow MR physics loosely
+(T1: white matter brighter than grey; T2: CSF bright; FLAIR: CSF dark, edema bright). A smooth
+multiplicative bias field, Rician noise, partial-volume edges and a random gain per case and contrast make
+the tumour overlap normal tissue in intensity, so no single threshold segments it, while a small 2D
+network learns it in a few epochs. Background outside the head is exactly 0, as in skull-stripped BraTS.
+
+Everything is drawn from ``numpy.random.default_rng([seed, case_index])``: the same seed gives identical
+arrays, and case ``i`` does not depend on how many cases are made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import binary_dilation, gaussian_filter
+
+__all__ = ["DEMO_MANIFEST", "make_demo_case", "make_demo_dataset", "ensure_demo_data", "stack_to_4d"]
+
+#: File written last into a generated dataset; it records the parameters and marks the dataset complete.
+DEMO_MANIFEST = "demo.json"
+# Bump when the generated content changes, so ensure_demo_data regenerates older datasets.
+_GENERATOR_VERSION = 1
+_MIN_SIZE = 24
+# File suffix per contrast, in the BraTS 2018-2021 naming ("t1ce" is our "t1c").
+_FILE_SUFFIXES = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
+
+# Mean intensity of each tissue per contrast (t1, t1c, t2, flair) before bias, texture, noise and gain.
+_TISSUE = {
+    "scalp": (0.85, 0.88, 0.55, 0.70),
+    "skull": (0.08, 0.08, 0.10, 0.06),
+    "csf": (0.15, 0.16, 1.00, 0.10),
+    "grey": (0.45, 0.47, 0.55, 0.50),
+    "white": (0.65, 0.66, 0.36, 0.40),
+    "edema": (0.38, 0.40, 0.82, 0.74),
+    "enhancing": (0.42, 0.95, 0.62, 0.62),
+    "necrosis": (0.22, 0.20, 0.90, 0.50),
+}
+_CONTRASTS = ("t1", "t1c", "t2", "flair")
+_NOISE_SIGMA = 0.04  # Rician noise level, relative to the tissue means above
+_BASE_GAIN = 1000.0  # scanner units: tissue means end up roughly in 0..1200
+
+
+def _check_shape(shape) -> tuple[int, int, int]:
+    if isinstance(shape, str):
+        shape = [int(s) for s in shape.strip("()[] ").replace(",", " ").split()]
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < _MIN_SIZE:
+        raise ValueError(f"shape must be three sizes of at least {_MIN_SIZE} voxels (H, W, D), got {shape}.")
+    return shape
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise rescaled to zero mean and unit standard deviation (float32)."""
+    field = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=sigma, mode="reflect", truncate=3.0)
+    field -= field.mean()
+    field /= max(float(field.std()), 1e-6)
+    return field
+
+
+def _ramp(distance: np.ndarray, width: float) -> np.ndarray:
+    """Soft membership of ``distance < 1`` (0.5 on the boundary, linear over ``width``): partial-volume edges."""
+    return np.clip(0.5 + (1.0 - distance) / width, 0.0, 1.0).astype(np.float32)
+
+
+def _ellipsoid_distance(grid, center, radii) -> np.ndarray:
+    """Normalised ellipsoidal radius: < 1 inside the ellipsoid ``(center, radii)``, on an ``np.ogrid`` grid."""
+    return np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii))).astype(np.float32)
+
+
+def _tumour(rng, shape, brain, head_center, head_radii):
+    """One tumour: soft memberships (edema, core, necrosis) and hard masks, computed in a bounding box.
+
+    Returns ``(box, soft, hard)`` where ``box`` is a tuple of slices into the volume, ``soft`` and ``hard`` are
+    dicts with keys ``"edema"``, ``"core"``, ``"necrosis"``; core (enhancing rim + necrosis) lies inside the
+    edema and the necrosis inside the rim, as in BraTS high-grade gliomas: a draw where the core touches
+    anything but edema, or the necrosis anything but the rim (6-connectivity), is drawn again.
+    """
+    for _ in range(200):
+        # centre: uniform in the central 55 % (by radius) of the brain ellipsoid
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        depth = 0.85 * 0.55 * rng.uniform(0.0, 1.0) ** (1 / 3)
+        center = np.asarray(head_center) + direction * depth * np.asarray(head_radii)
+        # edema radii: 30-50 % of the head radius (15-25 % of the head size), anisotropic
+        edema_radii = np.maximum(np.asarray(head_radii) * rng.uniform(0.3, 0.5) * rng.uniform(0.8, 1.2, 3), 4.0)
+        core_radii = np.maximum(edema_radii * rng.uniform(0.5, 0.7), 2.5)
+        core_center = center + rng.uniform(-0.2, 0.2, 3) * (edema_radii - core_radii)
+        necrosis_level = rng.uniform(0.5, 0.7)
+        edema_amp, core_amp = rng.uniform(0.12, 0.22), rng.uniform(0.06, 0.12)
+
+        # the box holds every voxel the perturbed distance can bring below 1 (noise is clipped to +-2.5 sd)
+        half = np.ceil(edema_radii * (1 + 2.5 * edema_amp)).astype(int) + 3
+        lo = np.maximum(np.floor(center).astype(int) - half, 0)
+        hi = np.minimum(np.floor(center).astype(int) + half + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        box_shape = tuple(hi - lo)
+        grid = np.ogrid[box]
+        sigma = max(1.0, float(np.mean(edema_radii)) / 3)
+        # irregular outlines: the ellipsoidal distance shifted by smooth noise
+        d_edema = _ellipsoid_distance(grid, center, edema_radii) + edema_amp * np.clip(
+            _smooth_noise(rng, box_shape, sigma), -2.5, 2.5
+        )
+        d_core = _ellipsoid_distance(grid, core_center, core_radii) + core_amp * np.clip(
+            _smooth_noise(rng, box_shape, sigma / 2), -2.5, 2.5
+        )
+        inside = brain[box]
+        width = 1.5 / float(np.mean(edema_radii))
+        soft = {
+            "edema": _ramp(d_edema, width) * inside,
+            "core": _ramp(d_core, 1.5 / float(np.mean(core_radii))) * inside,
+            "necrosis": _ramp(d_core / necrosis_level, 1.5 / float(np.mean(core_radii) * necrosis_level)) * inside,
+        }
+        hard = {"edema": (d_edema < 1) & inside}
+        hard["core"] = (d_core < 1) & hard["edema"]
+        hard["necrosis"] = (d_core < necrosis_level) & hard["core"]
+        rim = hard["core"] & ~hard["necrosis"]
+        nested = not (binary_dilation(hard["core"]) & ~hard["edema"]).any() and not (
+            binary_dilation(hard["necrosis"]) & ~hard["core"]
+        ).any()
+        if nested and hard["necrosis"].sum() >= 4 and rim.sum() >= 8 and (hard["edema"] & ~hard["core"]).sum() >= 8:
+            soft["core"] = np.minimum(soft["core"], soft["edema"])
+            soft["necrosis"] = np.minimum(soft["necrosis"], soft["core"])
+            return box, soft, hard
+    raise RuntimeError(f"could not place a tumour with necrosis, rim and edema in a volume of shape {shape}.")
+
+
+def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Arrays of one synthetic case: ``({"t1", "t1c", "t2", "flair"} -> float32 (H, W, D), uint8 label)``.
+
+    Axial slices run along the last axis. Labels use the BraTS 2018-2021 values {0, 1, 2, 4}.
+    """
+    shape = _check_shape(shape)
+    rng = np.random.default_rng([int(seed), int(index)])
+    size = np.asarray(shape, dtype=np.float64)
+    head_center = size / 2 - 0.5 + rng.uniform(-0.02, 0.02, 3) * size
+    head_radii = size * np.array([0.42, 0.45, 0.43]) * rng.uniform(0.93, 1.03)
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    r_head = _ellipsoid_distance(grid, head_center, head_radii)
+
+    head = r_head < 1.0
+    # a slightly irregular brain surface and grey/white boundary, from smooth noise
+    coarse = _smooth_noise(rng, shape, sigma=max(1.5, min(shape) / 24))
+    fine = _smooth_noise(rng, shape, sigma=1.0)
+    r_brain = r_head / 0.85 * (1 + 0.015 * coarse)
+    brain = r_brain < 1.0
+    white = np.clip(0.5 + (0.7 - r_brain + 0.1 * coarse) / 0.08, 0.0, 1.0)
+    ventricles = np.zeros(shape, np.float32)
+    for side in (-1, 1):
+        center = head_center + np.array([side * 0.13, -0.05, 0.06]) * head_radii
+        radii = np.maximum(np.array([0.07, 0.26, 0.15]) * head_radii, 1.0)
+        ventricles = np.maximum(ventricles, _ramp(_ellipsoid_distance(grid, center, radii), 0.3))
+
+    tumours = [_tumour(rng, shape, brain, head_center, head_radii) for _ in range(int(rng.integers(1, 3)))]
+    soft = {k: np.zeros(shape, np.float32) for k in ("edema", "core", "necrosis")}
+    label = np.zeros(shape, np.uint8)
+    hard = {k: np.zeros(shape, bool) for k in ("edema", "core", "necrosis")}
+    for box, t_soft, t_hard in tumours:
+        for k in soft:
+            soft[k][box] = np.maximum(soft[k][box], t_soft[k])
+            hard[k][box] |= t_hard[k]
+    label[hard["edema"]] = 2
+    label[hard["core"]] = 4
+    label[hard["necrosis"]] = 1
+    tumour_texture = _smooth_noise(rng, shape, sigma=1.5)
+
+    images = {}
+    coords = [np.linspace(-1.0, 1.0, s, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
+              for a, s in enumerate(shape)]
+    for c, contrast in enumerate(_CONTRASTS):
+        t = {k: v[c] for k, v in _TISSUE.items()}
+        brain_tissue = white * t["white"] + (1 - white) * t["grey"]
+        brain_tissue = brain_tissue * (1 - ventricles) + ventricles * t["csf"]
+        image = np.where(r_head >= 0.94, t["scalp"], np.where(r_head >= 0.88, t["skull"], t["csf"]))
+        image = np.where(brain, brain_tissue, image).astype(np.float32)
+        image *= 1 + 0.05 * fine
+        tumour_tex = 1 + 0.07 * tumour_texture
+        image = image * (1 - soft["edema"]) + soft["edema"] * t["edema"] * tumour_tex
+        image = image * (1 - soft["core"]) + soft["core"] * t["enhancing"] * tumour_tex
+        image = image * (1 - soft["necrosis"]) + soft["necrosis"] * t["necrosis"] * tumour_tex
+        # smooth multiplicative bias field: exp of a random quadratic polynomial, about +-15 %
+        a = rng.normal(0.0, 1.0, 9)
+        x, y, z = coords
+        poly = a[0] * x + a[1] * y + a[2] * z + a[3] * x * y + a[4] * y * z + a[5] * x * z
+        poly = poly + a[6] * x * x + a[7] * y * y + a[8] * z * z
+        image *= np.exp(0.15 * poly / max(float(np.abs(poly).max()), 1e-6))
+        # Rician noise: magnitude of a complex signal with gaussian noise on both channels
+        n_re = rng.standard_normal(shape, dtype=np.float32) * _NOISE_SIGMA
+        n_im = rng.standard_normal(shape, dtype=np.float32) * _NOISE_SIGMA
+        image = np.sqrt((image + n_re) ** 2 + n_im**2)
+        gain = _BASE_GAIN * rng.uniform(0.8, 1.25)
+        images[contrast] = np.where(head, image * gain, 0.0).astype(np.float32)
+    return images, label
+
+
+def _affine(shape) -> np.ndarray:
+    """1 mm voxels, axes aligned with RAS, origin shifted off the volume centre so affine round trips are testable."""
+    affine = np.eye(4)
+    affine[:3, 3] = [-0.5 * (shape[0] - 1) + 2.0, -0.5 * (shape[1] - 1) - 15.0, -0.5 * (shape[2] - 1) + 10.0]
+    return affine
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.set_data_dtype(array.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
+def _case_id(index: int) -> str:
+    return f"Demo_{index:03d}"
+
+
+def _manifest_params(num_cases: int, shape, seed: int) -> dict:
+    return {
+        "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed)
+    }
+
+
+def _is_complete(output_dir: Path, params: dict) -> bool:
+    """Whether ``output_dir`` holds a finished demo dataset made with ``params`` (manifest + every file)."""
+    manifest = output_dir / DEMO_MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if {k: content.get(k) for k in params} != params:
+        return False
+    for i in range(params["num_cases"]):
+        case = _case_id(i)
+        for suffix in (*_FILE_SUFFIXES.values(), "seg"):
+            if not (output_dir / case / f"{case}_{suffix}.nii.gz").is_file():
+                return False
+    return True
+
+
+def _progress(iterable, enabled: bool, total: int):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def plain():
+            for i, item in enumerate(iterable):
+                print(f"demo case {i + 1}/{total}", flush=True)
+                yield item
+        return plain()
+    return tqdm(iterable, total=total, desc="demo cases", unit="case")
+
+
+def make_demo_dataset(
+    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False
+) -> str:
+    """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
+
+    Cases are called ``Demo_000``, ``Demo_001``, ...; images are float32, labels uint8, with a 1 mm diagonal
+    affine. Files are written into a hidden sibling folder that is renamed to ``output_dir`` at the end, so an
+    interrupted run never leaves a half-written dataset. An existing demo dataset at ``output_dir`` (or an
+    empty folder) is replaced; any other existing folder is refused.
+    """
+    shape = _check_shape(shape)
+    if int(num_cases) < 1:
+        raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
+    out = Path(output_dir)
+    if out.exists() and not (out.is_dir() and ((out / DEMO_MANIFEST).is_file() or not any(out.iterdir()))):
+        raise FileExistsError(
+            f"'{output_dir}' exists and is not a demo dataset (no {DEMO_MANIFEST}): choose another --output_dir, "
+            "or remove it first."
+        )
+    params = _manifest_params(num_cases, shape, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        affine = _affine(shape)
+        cases = []
+        start = time.perf_counter()
+        for i in _progress(range(int(num_cases)), progress, int(num_cases)):
+            images, label = make_demo_case(shape, seed, i)
+            case = _case_id(i)
+            (tmp / case).mkdir()
+            for contrast, suffix in _FILE_SUFFIXES.items():
+                _save_nifti(images[contrast], affine, tmp / case / f"{case}_{suffix}.nii.gz")
+            _save_nifti(label, affine, tmp / case / f"{case}_seg.nii.gz")
+            head = images["t1"] > 0
+            cases.append({
+                "case": case,
+                "label_voxels": {str(v): int((label == v).sum()) for v in (1, 2, 4)},
+                "tumour_fraction_of_head": round(float((label > 0).sum() / max(head.sum(), 1)), 4),
+                "axial_slices_with_tumour": int((label > 0).any(axis=(0, 1)).sum()),
+                "axial_slices_with_head": int(head.any(axis=(0, 1)).sum()),
+                "intensity_max": {c: round(float(images[c].max()), 1) for c in _CONTRASTS},
+            })
+        manifest = {
+            **params,
+            "layout": "BraTS 2018-2021 NIfTI: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+            "labels": {"0": "background", "1": "necrotic core", "2": "edema", "4": "enhancing tumour"},
+            "seconds": round(time.perf_counter() - start, 2),
+            "cases": cases,
+        }
+        (tmp / DEMO_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _move_into_place(tmp, out, params)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(output_dir)
+
+
+def _move_into_place(tmp: Path, out: Path, params: dict) -> None:
+    """Rename the finished ``tmp`` folder to ``out``, replacing an older demo dataset there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:  # another process moved it meanwhile
+            old = None
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        # another process (e.g. another rank of a multi-GPU run) put a dataset there first; same seed, same data
+        if not _is_complete(out, params):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_demo_data(
+    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False
+) -> str:
+    """Return ``output_dir`` after making sure it holds the demo dataset for these parameters.
+
+    Nothing is written when ``output_dir`` already holds a complete demo dataset made with the same
+    ``num_cases``, ``shape`` and ``seed`` (checked through its ``demo.json`` manifest and the case files);
+    otherwise it is generated with :func:`make_demo_dataset`.
+    """
+    shape = _check_shape(shape)
+    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed)):
+        make_demo_dataset(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=progress)
+    return str(output_dir)
+
+
+def stack_to_4d(files: Sequence, output_path) -> str:
+    """Stack 3D modality files, in the given order, into one 4D (H, W, D, C) float32 NIfTI with the same affine.
+
+    This makes single-file multi-modality cases like those of MSD Task01 or a MONAI Label datastore (SPEC
+    section 4). Note MSD orders its channels flair, t1, t1c, t2 (``bundle.constants.MSD_MODALITIES``); pass
+    ``files`` in the order the consumer expects. Returns ``output_path``.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise ValueError("stack_to_4d needs at least one modality file.")
+    volumes, reference = [], None
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"modality file '{f}' does not exist.")
+        image = nib.load(str(f))
+        if len(image.shape) != 3:
+            raise ValueError(f"'{f}' has shape {image.shape}; stack_to_4d expects 3D volumes.")
+        if reference is None:
+            reference = image
+        elif image.shape != reference.shape or not np.allclose(image.affine, reference.affine, atol=1e-4):
+            raise ValueError(
+                f"'{f}' (shape {image.shape}) does not share the grid of '{files[0]}' (shape {reference.shape}): "
+                "only co-registered modalities of one case can be stacked."
+            )
+        volumes.append(np.asarray(image.get_fdata(dtype=np.float32)))
+    stacked = np.stack(volumes, axis=-1)
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        _save_nifti(stacked, reference.affine, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(output_path)

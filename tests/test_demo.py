@@ -1,0 +1,132 @@
+"""Synthetic demo data: BraTS 2018-2021 layout, BraTS labels nested like a glioma, deterministic, written safely."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+
+import bundle.demo as demo
+from bundle.datalist import find_cases
+from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_case, make_demo_dataset, stack_to_4d
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (48, 48, 24)
+SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return Path(make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_cases=3, shape=SHAPE, seed=0))
+
+
+def _load(dataset, case, suffix):
+    return nib.load(str(dataset / case / f"{case}_{suffix}.nii.gz"))
+
+
+def test_files_follow_brats2018_layout(dataset):
+    assert sorted(p.name for p in dataset.iterdir()) == ["Demo_000", "Demo_001", "Demo_002", DEMO_MANIFEST]
+    affine = _load(dataset, "Demo_000", "t1").affine
+    assert np.allclose(np.diag(affine)[:3], 1.0) and np.abs(affine[:3, 3]).min() > 1.0  # 1 mm, origin off zero
+    for suffix in SUFFIXES:
+        image = _load(dataset, "Demo_001", suffix)
+        assert image.shape == SHAPE
+        assert image.get_data_dtype() == (np.uint8 if suffix == "seg" else np.float32)
+        assert np.allclose(image.affine, affine)
+    assert [c["case"] for c in find_cases(dataset)] == ["Demo_000", "Demo_001", "Demo_002"]
+
+
+def test_labels_are_brats_values_with_every_region(dataset):
+    for case in ("Demo_000", "Demo_001", "Demo_002"):
+        label = np.asarray(_load(dataset, case, "seg").dataobj)
+        assert set(np.unique(label)) == {0, 1, 2, 4}
+
+
+def test_necrosis_inside_rim_inside_edema(dataset):
+    for case in ("Demo_000", "Demo_001", "Demo_002"):
+        label = np.asarray(_load(dataset, case, "seg").dataobj)
+        necrosis, core, tumour = label == 1, np.isin(label, (1, 4)), label > 0
+        assert not (binary_dilation(necrosis) & ~core).any()  # the core's necrosis only touches the rim
+        assert not (binary_dilation(core) & ~tumour).any()  # the core only touches edema
+
+
+def test_same_seed_same_arrays():
+    first, second, other = make_demo_case(SHAPE, 3, 1), make_demo_case(SHAPE, 3, 1), make_demo_case(SHAPE, 4, 1)
+    for key in ("t1", "t1c", "t2", "flair"):
+        assert first[0][key].tobytes() == second[0][key].tobytes()
+    assert first[1].tobytes() == second[1].tobytes()
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_written_arrays_are_the_generated_ones(dataset):
+    images, label = make_demo_case(SHAPE, seed=0, index=2)
+    assert np.array_equal(np.asarray(_load(dataset, "Demo_002", "t1ce").dataobj), images["t1c"])
+    assert np.array_equal(np.asarray(_load(dataset, "Demo_002", "seg").dataobj), label)
+
+
+def test_tumour_contrasts():
+    images, label = make_demo_case(SHAPE, seed=0, index=0)
+    head, tumour = images["t1"] > 0, label > 0
+    normal = head & ~tumour
+    assert images["flair"][tumour].mean() > 1.2 * images["flair"][normal].mean()  # edema bright on FLAIR
+    assert images["t2"][tumour].mean() > images["t2"][normal].mean()
+    assert images["t1c"][label == 4].mean() > 1.3 * images["t1c"][label == 2].mean()  # enhancing rim
+    assert images["t1c"][label == 1].mean() < images["t1c"][label == 4].mean()  # dark necrotic core
+    assert all(np.all(images[k][~head] == 0) for k in images)  # zero background
+    corner = (slice(0, 3),) * 3
+    assert not head[corner].any()
+
+
+def test_ensure_keeps_a_complete_dataset(tmp_path):
+    out = tmp_path / "demo"
+    ensure_demo_data(out, num_cases=2, shape=SHAPE, seed=0)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert ensure_demo_data(out, num_cases=2, shape=SHAPE, seed=0) == str(out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    ensure_demo_data(out, num_cases=3, shape=SHAPE, seed=0)  # other parameters: regenerated
+    assert json.loads((out / DEMO_MANIFEST).read_text())["num_cases"] == 3
+    assert (out / "Demo_002" / "Demo_002_seg.nii.gz").is_file()
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_save(array, affine, path):
+        calls.append(path)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_save_nifti", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        make_demo_dataset(tmp_path / "demo", num_cases=2, shape=SHAPE)
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_to_replace_other_data(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="mine"):
+        make_demo_dataset(tmp_path / "mine", num_cases=1, shape=SHAPE)
+
+
+def test_stack_to_4d_keeps_order_and_affine(dataset, tmp_path):
+    files = [dataset / "Demo_000" / f"Demo_000_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")]
+    out = stack_to_4d(files, tmp_path / "Demo_000.nii.gz")
+    stacked = nib.load(out)
+    assert stacked.shape == (*SHAPE, 4)
+    assert np.allclose(stacked.affine, _load(dataset, "Demo_000", "t1").affine)
+    assert np.array_equal(stacked.get_fdata(dtype=np.float32)[..., 1], _load(dataset, "Demo_000", "t1ce").get_fdata())
+    assert os.listdir(tmp_path) == ["Demo_000.nii.gz"]
+
+
+def test_cli_generates_and_summarises(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(output_dir=str(tmp_path / "demo"), num_cases=2, shape="[32,32,24]", seed=0)
+    assert len(find_cases(tmp_path / "demo")) == 2
+    assert "generated demo dataset" in capsys.readouterr().out
