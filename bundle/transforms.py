@@ -13,7 +13,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from .constants import MODALITIES
+from .constants import MODALITIES, MSD_MODALITIES
 
 __all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "source_name"]
 
@@ -31,14 +31,17 @@ def source_name(data: Mapping, key: Hashable) -> str:
 class SelectModalitiesd(MapTransform):
     """Keep the modality channels the network takes, in the order it takes them.
 
-    The paper feeds T1c, T2 and FLAIR (section 3). Multi-file cases are loaded in ``available`` order
-    (``bundle.constants.MODALITIES`` for the datalist builder); a 4D single-file case from the Medical
-    Segmentation Decathlon stores FLAIR, T1, T1c, T2 and needs ``available=bundle.constants.MSD_MODALITIES``.
+    The paper feeds T1c, T2 and FLAIR (section 3). A case given as one file per modality is stacked in
+    ``available`` order (``bundle.constants.MODALITIES`` for the datalist builder and the demo). A case
+    given as one 4D file with channels last (what MONAI Label sends, and the Medical Segmentation
+    Decathlon's Task01 layout: FLAIR, T1, T1c, T2) is read in ``available_4d`` order; MONAI's loader
+    records which of the two it was in the ``original_channel_dim`` meta data.
 
     Args:
         keys: the channel-first image key(s).
-        available: the modality of each loaded channel.
+        available: the modality of each channel of a stacked multi-file case.
         selected: the modalities to keep, in network input order.
+        available_4d: the modality of each channel of a single 4D file; ``None`` uses ``available``.
     """
 
     def __init__(
@@ -46,31 +49,41 @@ class SelectModalitiesd(MapTransform):
         keys: KeysCollection,
         available: Sequence[str] = MODALITIES,
         selected: Sequence[str] = ("t1c", "t2", "flair"),
+        available_4d: Sequence[str] | None = MSD_MODALITIES,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.available = [str(m).lower() for m in available]
         self.selected = [str(m).lower() for m in selected]
-        missing = [m for m in self.selected if m not in self.available]
+        self.orders = {"stacked": self._index(available, "image_modalities")}
+        self.orders["4d"] = self.orders["stacked"] if available_4d is None else self._index(
+            available_4d, "image_modalities_4d"
+        )
+
+    def _index(self, available: Sequence[str], key: str) -> tuple[list[str], list[int]]:
+        names = [str(m).lower() for m in available]
+        missing = [m for m in self.selected if m not in names]
         if missing:
             raise ValueError(
-                f"modalities {missing} are not among the image's channels {self.available}: "
-                "set `modalities` to a subset of `image_modalities`."
+                f"modalities {missing} are not among the image's channels {names}: "
+                f"set `modalities` to a subset of `{key}`."
             )
-        self.index = [self.available.index(m) for m in self.selected]
+        return names, [names.index(m) for m in self.selected]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            if image.shape[0] != len(self.available):
+            meta = getattr(image, "meta", None) or {}
+            layout = "4d" if str(meta.get("original_channel_dim")) in ("-1", "3") else "stacked"
+            names, index = self.orders[layout]
+            if image.shape[0] != len(names):
+                setting = "image_modalities_4d" if layout == "4d" else "image_modalities"
                 raise ValueError(
-                    f"{source_name(d, key)}: expected {len(self.available)} channels ({self.available}), got "
-                    f"{image.shape[0]}. Set `image_modalities` to the channel order of your images (a 4D MSD "
-                    "file is ['flair','t1','t1c','t2']), or list one file per modality in the datalist."
+                    f"{source_name(d, key)}: expected {len(names)} channels ({names}), got {image.shape[0]}. "
+                    f"Set `{setting}` to the channel order of your images, or `modalities` to what they hold."
                 )
-            if self.index != list(range(len(self.available))):
-                d[key] = image[self.index]
+            if index != list(range(len(names))):
+                d[key] = image[index]
         return d
 
 

@@ -52,17 +52,24 @@ def test_regions_paint_back_to_the_dataset_labels(convention):
     assert back.flatten().tolist() == values
 
 
+def _image(channel_dim):
+    return MetaTensor(torch.arange(4).float().reshape(4, 1, 1, 1), meta={"original_channel_dim": channel_dim})
+
+
 def test_modalities_are_selected_by_name_from_either_channel_order():
-    image = torch.arange(4).float().reshape(4, 1, 1, 1)  # t1, t1c, t2, flair
-    out = SelectModalitiesd("image", selected=["t1c", "t2", "flair"])({"image": image})["image"]
-    assert out.flatten().tolist() == [1, 2, 3]
-    msd = torch.arange(4).float().reshape(4, 1, 1, 1)  # flair, t1, t1c, t2
-    out = SelectModalitiesd("image", available=MSD_MODALITIES, selected=["t1c", "t2", "flair"])({"image": msd})["image"]
-    assert out.flatten().tolist() == [2, 3, 0]
+    select = SelectModalitiesd("image", selected=["t1c", "t2", "flair"])
+    stacked = select({"image": _image(0)})["image"]  # one file per modality: t1, t1c, t2, flair
+    assert stacked.flatten().tolist() == [1, 2, 3]
+    msd = select({"image": _image(-1)})["image"]  # one 4D file, channels last: flair, t1, t1c, t2
+    assert msd.flatten().tolist() == [2, 3, 0]
+    custom = SelectModalitiesd("image", available_4d=MSD_MODALITIES[::-1], selected=["flair"])({"image": _image(-1)})
+    assert custom["image"].flatten().tolist() == [3]
 
 
 def test_wrong_channel_count_and_unknown_modality_are_explained():
     with pytest.raises(ValueError, match="image_modalities"):
         SelectModalitiesd("image")({"image": torch.zeros(3, 1, 1, 1)})
+    with pytest.raises(ValueError, match="image_modalities_4d"):
+        SelectModalitiesd("image")({"image": MetaTensor(torch.zeros(3, 1, 1, 1), meta={"original_channel_dim": -1})})
     with pytest.raises(ValueError, match="subset"):
         SelectModalitiesd("image", selected=["pd"])
