@@ -75,3 +75,34 @@ def test_custom_one_channel_two_region_dataset_trains_through_overrides(tmp_path
     assert first.shape[1] == 1
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
     assert {"val_dice_edema", "val_dice_core"} <= set(history["best"])
+
+
+def _write_brats2015(root, num_subjects=3):
+    """Demo cases rewritten as BraTS 2013/2015 ITK MetaImage folders (VSD names, HGG grade folder)."""
+    import itk
+    import numpy as np
+
+    from bundle.demo import make_demo_case
+
+    names = {"t1": "MR_T1", "t1c": "MR_T1c", "t2": "MR_T2", "flair": "MR_Flair"}
+    for i in range(num_subjects):
+        images, label = make_demo_case(shape=(40, 40, 24), seed=3, index=i)
+        label = np.where(label == 1, 3, label)  # BRATS 2015 also has label 3, non-enhancing core
+        subject = root / "HGG" / f"brats_tcia_pat{i:03d}_0001"
+        arrays = {names[m]: a for m, a in images.items()}
+        arrays["OT"] = label.astype(np.uint8)
+        for j, (name, array) in enumerate(arrays.items()):
+            prefix = "VSD.Brain_3more.XX.O" if name == "OT" else "VSD.Brain.XX.O"
+            folder = subject / f"{prefix}.{name}.{1000 + 10 * i + j}"
+            folder.mkdir(parents=True)
+            # ITK arrays are (z, y, x): transpose so the axial axis stays last after loading
+            itk.imwrite(itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0))), str(folder / f"{folder.name}.mha"))
+
+
+def test_paper_pipeline_trains_from_a_brats2015_mha_folder(tmp_path):
+    data = tmp_path / "BRATS2015_Training"
+    _write_brats2015(data)
+    _train(tmp_path, str(data), max_epochs=1)
+    assert (tmp_path / "models" / "model.pt").is_file()
+    history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
+    assert history["history"][0]["epoch"] == 1
