@@ -54,20 +54,24 @@ class SelectModalitiesd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.selected = [str(m).lower() for m in selected]
-        self.orders = {"stacked": self._index(available, "image_modalities")}
-        self.orders["4d"] = self.orders["stacked"] if available_4d is None else self._index(
-            available_4d, "image_modalities_4d"
-        )
+        stacked = [str(m).lower() for m in available]
+        self.available = {"stacked": stacked, "4d": stacked if available_4d is None else [str(m).lower() for m in available_4d]}
+        self._index("stacked")  # the usual layout is checked up front; the 4D order when a 4D case comes
 
-    def _index(self, available: Sequence[str], key: str) -> tuple[list[str], list[int]]:
-        names = [str(m).lower() for m in available]
+    @staticmethod
+    def _setting(layout: str) -> str:
+        return "image_modalities_4d" if layout == "4d" else "image_modalities"
+
+    def _index(self, layout: str) -> list[int]:
+        names = self.available[layout]
         missing = [m for m in self.selected if m not in names]
         if missing:
+            setting = self._setting(layout)
             raise ValueError(
                 f"modalities {missing} are not among the image's channels {names}: "
-                f"set `modalities` to a subset of `{key}`."
+                f"set `modalities` to a subset of `{setting}`, or `{setting}` to the channels your images hold."
             )
-        return names, [names.index(m) for m in self.selected]
+        return [names.index(m) for m in self.selected]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -75,12 +79,11 @@ class SelectModalitiesd(MapTransform):
             image = d[key]
             meta = getattr(image, "meta", None) or {}
             layout = "4d" if str(meta.get("original_channel_dim")) in ("-1", "3") else "stacked"
-            names, index = self.orders[layout]
+            names, index = self.available[layout], self._index(layout)
             if image.shape[0] != len(names):
-                setting = "image_modalities_4d" if layout == "4d" else "image_modalities"
                 raise ValueError(
                     f"{source_name(d, key)}: expected {len(names)} channels ({names}), got {image.shape[0]}. "
-                    f"Set `{setting}` to the channel order of your images, or `modalities` to what they hold."
+                    f"Set `{self._setting(layout)}` to the channel order of your images, or `modalities` to what they hold."
                 )
             if index != list(range(len(names))):
                 d[key] = image[index]

@@ -61,18 +61,42 @@ def test_training_writes_flat_segmentor_weights_metrics_and_training_state(tmp_p
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
 
 
+def _write_custom_dataset(root, demo_dir):
+    """A non-BraTS dataset: one single-channel file per case, labels 1 and 2, and a datalist file."""
+    import nibabel as nib
+    import numpy as np
+
+    items = []
+    for case in sorted(c for c in os.listdir(demo_dir) if c.startswith("Demo_")):
+        flair = nib.load(os.path.join(demo_dir, case, f"{case}_flair.nii.gz"))
+        seg = np.asarray(nib.load(os.path.join(demo_dir, case, f"{case}_seg.nii.gz")).dataobj)
+        tissue = np.select([seg == 2, seg > 0], [1, 2], 0).astype(np.uint8)  # 1 "edema", 2 "core"
+        nib.save(nib.Nifti1Image(np.asarray(flair.dataobj), flair.affine), root / f"{case}_mri.nii.gz")
+        nib.save(nib.Nifti1Image(tissue, flair.affine), root / f"{case}_tissue.nii.gz")
+        items.append({"image": f"{case}_mri.nii.gz", "label": f"{case}_tissue.nii.gz"})
+    datalist = {"training": items[:3], "validation": items[3:]}
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root / "datalist.json"
+
+
 def test_custom_one_channel_two_region_dataset_trains_through_overrides(tmp_path, demo_dir):
-    # the FLAIR channel alone, and two made-up regions from the demo's labels
+    data = tmp_path / "mine"
+    data.mkdir()
+    datalist = _write_custom_dataset(data, demo_dir)
     _train(
         tmp_path,
-        demo_dir,
-        modalities=["flair"],
-        regions={"edema": [2], "core": [1, 4]},
+        str(data),
+        data_list_file_path=str(datalist),
+        image_modalities=["mri"],
+        modalities=["mri"],
+        regions={"edema": [1], "core": [2]},
         max_epochs=1,
     )
     weights = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
     first = next(v for k, v in weights.items() if k.endswith("conv.weight"))
     assert first.shape[1] == 1
+    last = [v for k, v in weights.items() if k.endswith("conv.weight")][-1]
+    assert last.shape[0] == 2
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
     assert {"val_dice_edema", "val_dice_core"} <= set(history["best"])
 
