@@ -93,13 +93,13 @@ class SegANSegmentor(nn.Module):
         self.head = _up_block(spatial_dims, width_in, out_channels, upsample, last=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bad = [s for s in x.shape[2:] if s % self.factor]
-        if bad:
-            raise ValueError(
-                f"SegANSegmentor needs spatial sizes that are multiples of {self.factor}, got {tuple(x.shape[2:])}: "
-                "crop or pad the input (e.g. DivisiblePad(k=16) or a 160x160 crop)."
-            )
-        skips = []
+        for size in x.shape[2:]:
+            if size % self.factor != 0:  # written as a loop so the network stays TorchScript-able
+                raise ValueError(
+                    f"SegANSegmentor needs spatial sizes that are multiples of {self.factor}, got {x.shape[2:]}: "
+                    "crop or pad the input (e.g. DivisiblePad(k=16) or a 160x160 crop)."
+                )
+        skips: list[torch.Tensor] = []
         for block in self.encoder:
             x = block(x)
             skips.append(x)

@@ -81,3 +81,12 @@ def test_clamp_keeps_every_critic_weight_in_range():
     critics = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16))
     critics.clamp_(0.01)
     assert all(p.abs().max() <= 0.01 for p in critics.parameters())
+
+
+def test_segmentor_scripts_to_torchscript_with_the_same_output():
+    net = SegANSegmentor(features=SMALL).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), net(x))
+    with pytest.raises(Exception, match="multiples of 16"):
+        scripted(torch.randn(1, 3, 40, 32))
