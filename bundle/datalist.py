@@ -22,6 +22,9 @@ Every datalist item has the form::
 with the images always in :data:`bundle.constants.MODALITIES` order and paths relative to ``dataset_dir``
 (posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
 folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
+For inference and evaluation, :func:`inference_datalist` also takes unlabelled cases, single 4D
+multi-modality files (MSD Task01, MONAI Label) and folders of them, and :func:`evaluation_datalist` checks
+that every case has a label; both give each item a unique ``"case"`` id that names its outputs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ from pathlib import Path
 
 from bundle.constants import MODALITIES
 
-__all__ = ["GRADES", "find_cases", "split_cases", "build_datalist", "load_datalist"]
+__all__ = [
+    "GRADES",
+    "find_cases",
+    "split_cases",
+    "build_datalist",
+    "load_datalist",
+    "inference_datalist",
+    "evaluation_datalist",
+    "case_id_of",
+]
 
 #: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
 GRADES = ("HGG", "LGG")
@@ -56,6 +68,9 @@ _LAYOUTS_SEARCHED = (
     "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
     "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
 )
+# a single-file (4D, channels last) multi-modality case, as in MSD Task01 or a MONAI Label datastore
+_SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _HOW_TO_PREPARE = "write one with: python scripts/prepare_datalist.py --dataset_dir <data> --output <file.json>"
 
 
@@ -298,3 +313,142 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
             resolved["grade"] = ""
         out.append(resolved)
     return out
+
+
+def _strip_image_suffix(name: str) -> str:
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def case_id_of(image) -> str:
+    """Case id of a datalist ``image`` entry that has no ``"case"``: what output files are named after.
+
+    A list of modality files is named like :func:`find_cases` names it (``<case>`` of
+    ``<case>_t1.nii.gz``; the subject folder of a BRATS 2013/2015 ``VSD.Brain...`` file; otherwise the
+    folder holding the first file). A single (4D) file is named after its file name without extension.
+    """
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("a datalist item has an empty 'image' list.")
+        first = Path(str(image[0]))
+        match = _NIFTI_PATTERN.match(first.name)
+        if match:
+            return match.group("case")
+        if _MHA_PATTERN.search(first.name) and _MHA_FOLDER_PATTERN.match(first.parent.name):
+            return first.parent.parent.name
+        return first.parent.name
+    return _strip_image_suffix(Path(str(image)).name)
+
+
+def _with_case_ids(items: list[dict], source: str) -> list[dict]:
+    """Give every item a ``"case"`` (see :func:`case_id_of`) and check that no two items share one."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, item in enumerate(items):
+        item = dict(item)
+        if not item.get("case"):
+            item["case"] = case_id_of(item["image"])
+        item["case"] = str(item["case"])
+        if item["case"] in seen:
+            raise ValueError(
+                f"{source}: items {seen[item['case']]} and {i} are both case '{item['case']}', so their outputs "
+                "would overwrite each other; give each item a unique 'case' entry."
+            )
+        seen[item["case"]] = i
+        item.pop("grade", None)  # not needed past the split, and MONAI's collate cannot batch None
+        out.append(item)
+    return out
+
+
+def _single_files(folder: Path) -> list[Path]:
+    """The 4D NIfTI files directly in ``folder`` (hidden files and BraTS per-modality files skipped)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or not path.is_file() or _NIFTI_PATTERN.match(name):
+            continue
+        if name.lower().endswith(_SINGLE_FILE_SUFFIXES):
+            files.append(path)
+    return files
+
+
+def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing") -> list[dict]:
+    """Cases to segment, as datalist items ``{"image": ..., "case": "<case id>"}`` with absolute paths.
+
+    This is what ``configs/inference.json`` calls for ``dataset#data``. The cases come from, in this order:
+
+    * ``data_list_file_path``, when given: section ``key`` of a Decathlon-style datalist (see
+      :func:`load_datalist`; relative paths resolved against ``dataset_dir``, or the file's folder);
+    * ``dataset_dir`` as a single image file: one case, a 4D multi-modality file (channels last, e.g. MSD
+      Task01's ``BRATS_001.nii.gz`` or what MONAI Label sends);
+    * ``dataset_dir`` as a folder of BraTS cases in a layout :func:`find_cases` knows (labels not needed);
+    * ``dataset_dir`` as a folder of 4D ``.nii``/``.nii.gz`` files, one case per file.
+
+    Each item's ``"case"`` (from the datalist, :func:`find_cases`, or :func:`case_id_of`) names its output
+    file, so case ids must be unique.
+    """
+    if data_list_file_path:
+        items = load_datalist(data_list_file_path, dataset_dir, key)
+        return _with_case_ids(items, f"datalist file '{data_list_file_path}', section '{key}'")
+    if not dataset_dir:
+        raise ValueError(
+            "nothing to segment: set --dataset_dir to a case (a 4D .nii.gz file), a folder of BraTS cases or of "
+            "4D files, or --data_list_file_path to a datalist JSON file (with a 'testing' section, or set "
+            "--data_list_key)."
+        )
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"'{dataset_dir}' does not exist: point --dataset_dir at a 4D multi-modality image, a folder of BraTS "
+            "cases or of 4D images, or give a datalist with --data_list_file_path."
+        )
+    if root.is_file():
+        if not root.name.lower().endswith(_IMAGE_SUFFIXES):
+            raise ValueError(
+                f"'{dataset_dir}' is not an image file ({', '.join(_IMAGE_SUFFIXES)}): point --dataset_dir at a "
+                "4D multi-modality image, a folder of cases, or give a datalist with --data_list_file_path."
+            )
+        path = os.path.abspath(root)
+        return [{"image": path, "case": case_id_of(path)}]
+    root = _check_dataset_dir(dataset_dir)
+    try:
+        cases = find_cases(root, require_label=False)
+    except FileNotFoundError:
+        cases = []
+    if cases:
+        items = [
+            {"image": [str(root.resolve() / p) for p in item["image"]], "case": item["case"]} for item in cases
+        ]
+        return _with_case_ids(items, f"cases found under '{dataset_dir}'")
+    files = _single_files(root)
+    if not files:
+        raise FileNotFoundError(
+            f"no case found in '{dataset_dir}'. Searched: {_LAYOUTS_SEARCHED} (recursively), and 4D multi-modality "
+            "*.nii.gz / *.nii files (directly in the folder). Point --dataset_dir at one of those, or give a "
+            "datalist with --data_list_file_path."
+        )
+    items = [{"image": str(f.resolve()), "case": case_id_of(f)} for f in files]
+    return _with_case_ids(items, f"4D image files in '{dataset_dir}'")
+
+
+def evaluation_datalist(data_list_file_path, dataset_dir, key: str = "validation") -> list[dict]:
+    """Labelled cases to evaluate: :func:`load_datalist` items, each checked to have a label and given a case id.
+
+    With no ``data_list_file_path`` and ``key="validation"`` these are the validation cases of
+    ``configs/train.json`` (the same 9:1 per-grade split of ``dataset_dir``).
+    """
+    items = load_datalist(data_list_file_path, dataset_dir, key)
+    source = f"datalist file '{data_list_file_path}'" if data_list_file_path else f"datalist built from '{dataset_dir}'"
+    if not items:
+        raise ValueError(f"{source}: section '{key}' holds no case to evaluate.")
+    items = _with_case_ids(items, f"{source}, section '{key}'")
+    unlabelled = [item["case"] for item in items if not item.get("label")]
+    if unlabelled:
+        raise ValueError(
+            f"{source}, section '{key}': evaluation needs a ground-truth label for every case, but "
+            f"{', '.join(unlabelled[:5])}{' ...' if len(unlabelled) > 5 else ''} have none. Add 'label' entries, "
+            "or segment unlabelled cases with configs/inference.json instead."
+        )
+    return items

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,12 +42,55 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["SegmentationReport", "OverlayFigure", "ValidationHistory", "FIG3_COLORS"]
+__all__ = ["SegmentationReport", "OverlayFigure", "ValidationHistory", "FIG3_COLORS", "trained_weights"]
 
 #: Region colours of the SegAN paper's Fig. 3, in region order: whole tumour, tumour core, enhancing tumour.
 FIG3_COLORS = ("yellow", "blue", "red")
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
+    """``path`` if it holds weights that fit ``network``, for a ``CheckpointLoader``; otherwise an error saying why.
+
+    Inference and evaluation load the segmentor's weights (a flat state dict) from ``models/model.pt``, which
+    training writes. A missing file, or weights trained with other ``features`` or ``modalities`` (the demo
+    overlay trains a narrower network), fail here with what to do, instead of as a bare ``torch.load`` or
+    ``load_state_dict`` error later.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no trained weights at '{path}'. Train first (python -m monai.bundle run training --config_file "
+            "configs/train.json --dataset_dir <data>), which writes models/model.pt, or point --ckpt_path at a "
+            "model.pt (a state dict of network_def, trained with the same `features` and `modalities`)."
+        )
+    if network is None:
+        return path
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]  # a {"model": state dict} checkpoint, which CheckpointLoader also accepts
+    if not isinstance(state, Mapping):
+        raise ValueError(f"'{path}' holds a {type(state).__name__}, not a state dict of network_def.")
+    expected = network.state_dict()
+    if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+        return path
+    hint = ""
+    convs = sorted((k for k in state if _ENCODER_CONV.fullmatch(k)), key=_natural)
+    if convs:  # a SegANSegmentor: its encoder convolutions tell the widths and input channels it was made with
+        widths = [int(state[k].shape[0]) for k in convs]
+        hint = f" It holds a segmentor with features {widths} and {int(state[convs[0]].shape[1])} input channel(s)."
+    raise ValueError(
+        f"the weights in '{path}' do not fit network_def.{hint} Run with the settings it was trained with, "
+        "e.g. --features \"[16, 32, 64, 128]\" for a model trained with configs/demo.json, and the same "
+        "`modalities` and `regions`."
+    )
+
+
+_ENCODER_CONV = re.compile(r"encoder\.\d+\.conv\.weight")
+
+
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
 def _write_atomic(path: str, data: bytes) -> None:

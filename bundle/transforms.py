@@ -1,21 +1,27 @@
-"""Dictionary transforms the SegAN pipeline needs on top of MONAI's: modality selection and label <-> regions.
+"""Dictionary transforms the SegAN pipeline needs on top of MONAI's: modality selection, label <-> regions,
+and saving one prediction per case under a predictable name.
 
-Everything else in the pipelines (loading, cropping, normalisation, slice sampling, inversion, saving) is a
-MONAI transform wired in the configs.
+Everything else in the pipelines (loading, cropping, normalisation, slice sampling, inversion) is a MONAI
+transform wired in the configs.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import uuid
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SaveImaged
 
 from .constants import MODALITIES, MSD_MODALITIES
 
-__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "source_name"]
+__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "source_name"]
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -166,4 +172,102 @@ class RegionsToLabeld(MapTransform):
             d[key] = MetaTensor(out, meta=maps.meta, applied_operations=maps.applied_operations) if isinstance(
                 maps, MetaTensor
             ) else out
+        return d
+
+
+class SaveCaseImaged(SaveImaged):
+    """Save one image per case as ``<output_dir>/<case>_<output_postfix><output_ext>``, never half-written.
+
+    A ``monai.transforms.SaveImaged`` (so MONAI Label drops it from ``postprocessing`` like any other saver)
+    with two differences that inference over many cases needs:
+
+    * the file is named after the item's case id (``data[case_key]``, e.g. ``"BraTS2021_00000"``), not after
+      the first of its modality files; without a case id, the image file name without extension is used.
+      A case id with folders (``"HGG/brats_2013_pat0001_1"``) gives the same sub-folders under ``output_dir``.
+    * the file is written under a hidden temporary name in the same folder and renamed when complete, so an
+      interrupted or failed write leaves no partial file behind, and an earlier result is replaced whole.
+
+    Args:
+        keys: the one key to save, e.g. ``"pred"``.
+        output_dir: folder of the files (created if missing).
+        output_postfix: appended to the case id, e.g. ``"seg"``.
+        output_ext: file extension, which picks the writer (``".nii.gz"``: NIfTI).
+        case_key: item key holding the case id.
+        kwargs: other ``SaveImaged`` arguments (``output_dtype``, ``resample``, ``writer``, ``meta_keys``, ...).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = "./",
+        output_postfix: str = "seg",
+        output_ext: str = ".nii.gz",
+        case_key: str = "case",
+        print_log: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            keys, output_dir=output_dir, output_postfix=output_postfix, output_ext=output_ext, print_log=False, **kwargs
+        )
+        if len(self.keys) != 1:
+            raise ValueError(
+                f"SaveCaseImaged saves one key, got {list(self.keys)}: use one transform per key, each with its "
+                "own output_postfix."
+            )
+        self.output_dir = str(output_dir)
+        self.output_postfix = str(output_postfix)
+        self.output_ext = self.saver.output_ext
+        self.case_key = case_key
+        self.print_log = print_log
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def case_name(self, data: Mapping, key: Hashable) -> str:
+        """The case id naming ``data[key]``'s file: ``data[case_key]``, else the image file name."""
+        case = data.get(self.case_key)
+        if case is not None and str(case):
+            return str(case)
+        value = data.get(key)
+        meta = getattr(value, "meta", None) or data.get(f"{key}_meta_dict") or {}
+        name = meta.get("filename_or_obj")
+        if isinstance(name, (list, tuple)):  # a multi-file case without case id: named after its first file
+            name = name[0] if name else None
+        if not name:
+            raise ValueError(
+                f"SaveCaseImaged: the item has no '{self.case_key}' entry and '{key}' no file name to name the output "
+                f"after; give each datalist item a '{self.case_key}'."
+            )
+        name = os.path.basename(str(name))
+        for suffix in _IMAGE_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return os.path.splitext(name)[0]
+
+    def output_path(self, data: Mapping, key: Hashable) -> str:
+        """``<output_dir>/<case>_<output_postfix><output_ext>`` for this item."""
+        case = self.case_name(data, key)
+        if os.path.isabs(case) or ".." in case.replace("\\", "/").split("/"):
+            raise ValueError(f"case id '{case}' would be saved outside output_dir '{self.output_dir}'; rename the case.")
+        postfix = f"_{self.output_postfix}" if self.output_postfix else ""
+        return os.path.join(self.output_dir, f"{case}{postfix}{self.output_ext}")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            if meta_key is None and meta_key_postfix is not None:
+                meta_key = f"{key}_{meta_key_postfix}"
+            meta_data = d.get(meta_key) if meta_key is not None else None
+            path = self.output_path(d, key)
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            # same folder (so the rename is atomic), hidden (so no datalist scan picks it up), same extension
+            stem = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp = f"{stem}{self.output_ext}"
+            try:
+                self.saver(img=d[key], meta_data=meta_data, filename=stem)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            if self.print_log:
+                self.logger.info(f"saved {path}")
         return d
