@@ -130,3 +130,14 @@ def test_paper_pipeline_trains_from_a_brats2015_mha_folder(tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
     assert history["history"][0]["epoch"] == 1
+
+
+def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
+    # `--amp false --resume false` reach the config as strings; "false" must not read as true
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": demo_dir, "amp": "false", "resume": "false"})
+    assert parser.get_parsed_content("train#trainer").amp is False
+    # a resume would fail here: there is no training state in this fresh bundle root
+    _train(tmp_path, demo_dir, max_epochs=1, resume="false", amp="false")
+    assert (tmp_path / "models" / "model.pt").is_file()
