@@ -93,6 +93,10 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so ``path`` is never partial."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -103,6 +107,7 @@ def _write_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
