@@ -256,7 +256,8 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
             memory from ``dataset_dir`` with :func:`build_datalist` (9:1 per-grade split, seed 0).
         dataset_dir: folder that relative paths are resolved against (if empty: the datalist file's folder,
             as in ``monai.data.load_decathlon_datalist``). Absolute paths are kept.
-        key: section to return, e.g. ``"training"`` or ``"validation"``.
+        key: section to return, e.g. ``"training"`` or ``"validation"``. A file with a ``training`` section but
+            no ``validation`` one (a Decathlon ``dataset.json``) is split 9:1 with :func:`split_cases`.
 
     Returns:
         a list of items whose ``"image"`` is a list of modality files or one 4D file (both kept as given),
@@ -283,6 +284,12 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
                 content = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"datalist file '{list_file}' is not valid JSON ({e}); {_HOW_TO_PREPARE}") from e
+        listed = content.get("training") if isinstance(content, dict) else None
+        listed = [item for item in listed or [] if isinstance(item, dict) and "image" in item]
+        if key in ("training", "validation") and "validation" not in content and len(listed) >= 2:
+            # a Decathlon dataset.json lists only "training": hold out the validation split from it
+            train, val = split_cases([{**item, "case": item.get("case") or case_id_of(item["image"])} for item in listed])
+            content = {**content, "training": train, "validation": val}
         if not isinstance(content, dict) or key not in content:
             found = ", ".join(sorted(content)) if isinstance(content, dict) else type(content).__name__
             raise ValueError(f"datalist file '{list_file}' has no '{key}' section (found: {found}); {_HOW_TO_PREPARE}")

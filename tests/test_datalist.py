@@ -209,3 +209,22 @@ def test_listed_file_missing_names_it(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": ["gone_t1.nii.gz"], "case": "gone"}]}))
     with pytest.raises(FileNotFoundError, match="gone_t1.nii.gz"):
         load_datalist(str(tmp_path / "list.json"), str(tmp_path))
+
+
+def test_decathlon_dataset_json_without_validation_is_split_nine_to_one(tmp_path):
+    """MSD Task01's dataset.json lists only "training": validation is held out from it, disjoint and fixed."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    items = []
+    for i in range(20):
+        for folder in ("imagesTr", "labelsTr"):
+            (tmp_path / folder / f"BRATS_{i:03d}.nii.gz").write_bytes(b"")
+        items.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"name": "BrainTumour", "training": items, "test": []}))
+    train = load_datalist(str(path), str(tmp_path), "training")
+    val = load_datalist(str(path), str(tmp_path), "validation")
+    assert (len(train), len(val)) == (18, 2)
+    assert not {t["image"] for t in train} & {v["image"] for v in val}
+    assert val == load_datalist(str(path), str(tmp_path), "validation")
+    assert all(os.path.isabs(v["image"]) and v["case"].startswith("BRATS_") for v in val)
