@@ -18,6 +18,7 @@ second reader never sees a half-written report.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
@@ -87,6 +88,23 @@ def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
 
 
 _ENCODER_CONV = re.compile(r"encoder\.\d+\.conv\.weight")
+
+
+def latest_training_state(state_dir: str) -> str:
+    """The newest full training state in ``state_dir``, for ``--resume true``.
+
+    Training saves the state every ``val_interval`` epochs (``checkpoint_epoch=N.pt``) and at the end or on
+    an error (``training_state.pt``); a run killed from outside (a scheduler's time limit, a lost node)
+    leaves only the periodic file, so the newest of them is what to resume from.
+    """
+    candidates = glob.glob(os.path.join(state_dir, "checkpoint_epoch=*.pt"))
+    candidates += glob.glob(os.path.join(state_dir, "training_state.pt"))
+    if not candidates:
+        raise FileNotFoundError(
+            f"nothing to resume from: no training_state.pt or checkpoint_epoch=*.pt in '{state_dir}'. Drop "
+            "--resume, or point --state_dir at the checkpoints folder of the run to continue."
+        )
+    return max(candidates, key=os.path.getmtime)
 
 
 def _natural(key: str) -> list:

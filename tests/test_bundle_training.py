@@ -60,6 +60,19 @@ def test_training_writes_flat_segmentor_weights_metrics_and_training_state(tmp_p
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
 
+    # a run killed from outside leaves only the periodic state: resuming picks that up
+    os.remove(tmp_path / "checkpoints" / "training_state.pt")
+    assert "checkpoint_epoch=3.pt" in os.listdir(tmp_path / "checkpoints")
+    _train(tmp_path, demo_dir, max_epochs=4, resume=True)
+    history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
+
+
+def test_resume_without_a_saved_state_says_what_to_do(tmp_path, demo_dir):
+    with pytest.raises(Exception) as error:
+        _train(tmp_path, demo_dir, resume=True)
+    assert "nothing to resume from" in repr(error.value) + repr(error.value.__cause__)
+
 
 def _write_custom_dataset(root, demo_dir):
     """A non-BraTS dataset: one single-channel file per case, labels 1 and 2, and a datalist file."""
