@@ -154,3 +154,12 @@ def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
     # a resume would fail here: there is no training state in this fresh bundle root
     _train(tmp_path, demo_dir, max_epochs=1, resume="false", amp="false")
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_same_seed_gives_the_same_segmentor(tmp_path, demo_dir):
+    for run_name in ("a", "b"):
+        _train(tmp_path / run_name, demo_dir, max_epochs=2)
+    first, second = (
+        torch.load(tmp_path / name / "checkpoints" / "training_state.pt", weights_only=False)["network"] for name in "ab"
+    )
+    assert all(torch.equal(first[k], second[k]) for k in first)
