@@ -11,6 +11,8 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.losses import DiceLoss
 from monai.utils.enums import CommonKeys as Keys
+from torch.nn import DataParallel
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .losses import MultiScaleL1Loss
@@ -22,6 +24,11 @@ __all__ = ["SegANTrainer", "CRITIC_LOSS", "ADVERSARIAL_LOSS"]
 CRITIC_LOSS = "critic_loss"
 #: Engine output key of the segmentor's adversarial term (``CommonKeys.LOSS`` also holds the Dice term).
 ADVERSARIAL_LOSS = "adversarial_loss"
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, or the module itself."""
+    return module.module if isinstance(module, (DistributedDataParallel, DataParallel)) else module
 
 
 class SegANTrainer(Trainer):
@@ -44,7 +51,8 @@ class SegANTrainer(Trainer):
         max_epochs: epochs to train.
         train_data_loader: yields batches of 2D slices, ``image`` (B, C, H, W) and ``label`` (B, R, H, W).
         network: the segmentor (returns logits).
-        critic: the critics (``SegANCritics``), whose ``forward(image, maps)`` gives one feature list each.
+        critic: the critics (``SegANCritics``, possibly wrapped in ``DistributedDataParallel``), whose
+            ``forward(image, maps)`` gives one feature list each.
         optimizer: the segmentor's optimiser.
         critic_optimizer: the critics' optimiser.
         loss_function: the multi-scale L1 loss; default ``MultiScaleL1Loss("all")``.
@@ -149,7 +157,8 @@ class SegANTrainer(Trainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         # critic step(s): S fixed, C ascends the loss
-        engine.critic.requires_grad_(True)
+        critic = _unwrap(engine.critic)
+        critic.requires_grad_(True)
         fake = pred.detach()
         for _ in range(engine.critic_steps):
             engine.critic_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -158,15 +167,16 @@ class SegANTrainer(Trainer):
             engine._backward(-critic_loss)
             engine._update(engine.critic_optimizer)
             if engine.clip:
-                engine.critic.clamp_(engine.clip)
+                critic.clamp_(engine.clip)
 
-        # segmentor step: C fixed, S descends the same loss through C
-        engine.critic.requires_grad_(False)
+        # segmentor step: C fixed, S descends the same loss through C. The bare critic is called (not its DDP
+        # wrapper, under torchrun): it gets no gradient here, so there is nothing for DDP to synchronise.
+        critic.requires_grad_(False)
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
             with torch.no_grad():
-                real_feats = engine.critic(image, label)
-            adversarial = engine.loss_function(engine.critic(image, pred), real_feats)
+                real_feats = critic(image, label)
+            adversarial = engine.loss_function(critic(image, pred), real_feats)
             loss = adversarial
             if engine.dice_weight:
                 loss = loss + engine.dice_weight * engine.dice_loss(pred.float(), label.float())
@@ -179,6 +189,6 @@ class SegANTrainer(Trainer):
         engine._update(engine.optimizer)
         if engine.amp and engine.scaler is not None:
             engine.scaler.update()
-        engine.critic.requires_grad_(True)
+        critic.requires_grad_(True)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
