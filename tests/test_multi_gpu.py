@@ -33,7 +33,7 @@ def test_two_ranks_share_the_data_and_keep_identical_networks(tmp_path):
     root.mkdir()
     overrides = {**TINY, "dataset_dir": str(data), "bundle_root": str(root)}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29531", os.path.join(ROOT, "tests", "ddp_worker.py")]
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "tests", "ddp_worker.py")]
     result = subprocess.run([*command, json.dumps(overrides)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
