@@ -90,3 +90,24 @@ def test_segmentor_scripts_to_torchscript_with_the_same_output():
     torch.testing.assert_close(scripted(x), net(x))
     with pytest.raises(Exception, match="multiples of 16"):
         scripted(torch.randn(1, 3, 40, 32))
+
+
+def test_bundle_exports_the_trained_segmentor_to_torchscript(tmp_path):
+    import os
+
+    from monai.bundle.scripts import ckpt_export
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    net = SegANSegmentor(features=SMALL).eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=os.path.join(root, "configs", "metadata.json"),
+        config_file=os.path.join(root, "configs", "inference.json"),
+        features=list(SMALL),
+    )
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(exported(x), net(x))
