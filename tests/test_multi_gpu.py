@@ -9,20 +9,9 @@ import sys
 import pytest
 
 from bundle.demo import make_demo_dataset
+from tiny_settings import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "features": [4, 8, 16, 32],
-    "critic_features": [4, 8, 16],
-    "crop_size": [32, 32, 12],
-    "patch_size": [32, 32],
-    "slices_per_volume": 4,
-    "volumes_per_batch": 2,
-    "val_batch_slices": 8,
-    "num_workers": 0,
-    "max_epochs": 2,
-    "val_interval": 1,
-}
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")

@@ -1,11 +1,13 @@
 """The bundle runs from any folder when it is not pip-installed (downloaded, unpacked, MONAI Label's copy)."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 from bundle.demo import make_demo_dataset
+from tiny_settings import TINY as TINY_SETTINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,11 +19,7 @@ sys.path = [p for p in sys.path if p not in ("", ".")]
 sys.argv = ["monai.bundle", *sys.argv[1:]]
 runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
 """
-TINY = [
-    "--features", "[4,8,16,32]", "--critic_features", "[4,8,16]", "--crop_size", "[32,32,12]",
-    "--patch_size", "[32,32]", "--slices_per_volume", "4", "--volumes_per_batch", "2", "--num_workers", "0",
-    "--max_epochs", "1", "--val_interval", "1",
-]
+TINY = [arg for key, value in {**TINY_SETTINGS, "max_epochs": 1}.items() for arg in (f"--{key}", json.dumps(value))]
 
 
 def _bundle(*args, cwd):
