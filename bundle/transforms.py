@@ -12,6 +12,8 @@ import os
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -175,6 +177,32 @@ class RegionsToLabeld(MapTransform):
         return d
 
 
+def source_file(image, meta_data: Mapping | None = None) -> str | None:
+    """The file ``image`` was loaded from (the first one for a stacked multi-file case), if known."""
+    meta = meta_data or getattr(image, "meta", None) or {}
+    name = meta.get("filename_or_obj")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return str(name) if name else None
+
+
+def _restore_spatial_units(path: str, source: str | None) -> None:
+    """Give the NIfTI at ``path`` the spatial unit of ``source`` (millimetres for non-NIfTI sources).
+
+    MONAI's NIfTI writer leaves ``xyzt_units`` unset ("unknown"), although MONAI's affines are in mm; a saved
+    label map should carry its input's header, units included.
+    """
+    unit = "mm"
+    if source and source.endswith((".nii", ".nii.gz")) and os.path.isfile(source):
+        unit = nib.load(source).header.get_xyzt_units()[0]
+        if unit == "unknown":
+            return
+    image = nib.load(path)
+    image.header.set_xyzt_units(xyz=unit)
+    data = np.asanyarray(image.dataobj)
+    nib.save(nib.Nifti1Image(data, image.affine, header=image.header), path)
+
+
 class SaveCaseImaged(SaveImaged):
     """Save one image per case as ``<output_dir>/<case>_<output_postfix><output_ext>``, never half-written.
 
@@ -264,6 +292,8 @@ class SaveCaseImaged(SaveImaged):
             tmp = f"{stem}{self.output_ext}"
             try:
                 self.saver(img=d[key], meta_data=meta_data, filename=stem)
+                if tmp.endswith((".nii", ".nii.gz")):
+                    _restore_spatial_units(tmp, source_file(d[key], meta_data))
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

@@ -124,6 +124,7 @@ def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_r
         source = nib.load(str(_case_files(demo_dir, case)[0]))
         assert saved.shape == source.shape == SHAPE
         np.testing.assert_allclose(saved.affine, source.affine, atol=1e-5)
+        assert saved.header.get_xyzt_units()[0] == source.header.get_xyzt_units()[0] == "mm"
         assert saved.get_data_dtype() == np.uint8
         label = np.asarray(saved.dataobj)
         assert set(np.unique(label)) <= {0, 1, 2, 4}
