@@ -2,11 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-
-import pytest
 
 from bundle.demo import make_demo_dataset
 from tiny_settings import TINY
@@ -14,7 +11,6 @@ from tiny_settings import TINY
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_two_ranks_share_the_data_and_keep_identical_networks(tmp_path):
     data = tmp_path / "data"
     make_demo_dataset(str(data), num_cases=16, shape=(32, 32, 24), seed=3)
@@ -22,7 +18,9 @@ def test_two_ranks_share_the_data_and_keep_identical_networks(tmp_path):
     root.mkdir()
     overrides = {**TINY, "dataset_dir": str(data), "bundle_root": str(root)}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "tests", "ddp_worker.py")]
+    # torchrun of this very interpreter, whatever is on PATH
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, os.path.join(ROOT, "tests", "ddp_worker.py")]
     result = subprocess.run([*command, json.dumps(overrides)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
