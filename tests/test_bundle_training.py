@@ -152,3 +152,9 @@ def test_same_seed_gives_the_same_segmentor(tmp_path, demo_dir):
         torch.load(tmp_path / name / "checkpoints" / "training_state.pt", weights_only=False)["network"] for name in "ab"
     )
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_slices_smaller_than_the_patch_are_padded_up_to_it(tmp_path, demo_dir):
+    # the demo cases are 40x40 in plane; a 48x48 patch needs padding, not a shape error in the network
+    _train(tmp_path, demo_dir, crop_size=[48, 48, 12], patch_size=[48, 48], max_epochs=1)
+    assert (tmp_path / "models" / "model.pt").is_file()
