@@ -83,8 +83,8 @@ def _check_dataset_dir(dataset_dir) -> Path:
     root = Path(dataset_dir)
     if not root.exists():
         raise FileNotFoundError(
-            f"dataset_dir '{dataset_dir}' does not exist: point it at the folder holding the BraTS data, "
-            "or make demo data there with: python scripts/make_demo_data.py --output_dir <dataset_dir>"
+            f"dataset_dir '{dataset_dir}' does not exist: pass --dataset_dir with the folder holding the BraTS "
+            "data, or make demo data there with: python scripts/make_demo_data.py --output_dir <dataset_dir>"
         )
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir '{dataset_dir}' is a file, not a folder: point it at the data folder.")
