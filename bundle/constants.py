@@ -17,3 +17,14 @@ REGION_PRESETS = {
 #: Label value painted for each region when a region prediction is turned back into a label map
 #: (regions painted in order, so nested regions keep their innermost value).
 REGION_LABEL_PRESETS = {"brats": [2, 1, 4], "brats2023": [2, 1, 3], "msd": [1, 3, 2]}
+
+#: Image file extensions the bundle reads and writes, longest first so ".nii.gz" wins over ".nii".
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+def strip_image_suffix(name: str) -> str:
+    """``name`` without its image extension (one of ``IMAGE_SUFFIXES``, any case); unchanged if it has none."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

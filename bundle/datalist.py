@@ -37,7 +37,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.constants import MODALITIES
+from bundle.constants import IMAGE_SUFFIXES, MODALITIES, strip_image_suffix
 
 __all__ = [
     "GRADES",
@@ -70,7 +70,6 @@ _LAYOUTS_SEARCHED = (
 )
 # a single-file (4D, channels last) multi-modality case, as in MSD Task01 or a MONAI Label datastore
 _SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii")
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _HOW_TO_PREPARE = "write one with: python scripts/prepare_datalist.py --dataset_dir <data> --output <file.json>"
 
 
@@ -322,13 +321,6 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
     return out
 
 
-def _strip_image_suffix(name: str) -> str:
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def case_id_of(image) -> str:
     """Case id of a datalist ``image`` entry that has no ``"case"``: what output files are named after.
 
@@ -346,7 +338,7 @@ def case_id_of(image) -> str:
         if _MHA_PATTERN.search(first.name) and _MHA_FOLDER_PATTERN.match(first.parent.name):
             return first.parent.parent.name
         return first.parent.name
-    return _strip_image_suffix(Path(str(image)).name)
+    return strip_image_suffix(Path(str(image)).name)
 
 
 def _with_case_ids(items: list[dict], source: str) -> list[dict]:
@@ -412,9 +404,9 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
             "cases or of 4D images, or give a datalist with --data_list_file_path."
         )
     if root.is_file():
-        if not root.name.lower().endswith(_IMAGE_SUFFIXES):
+        if not root.name.lower().endswith(IMAGE_SUFFIXES):
             raise ValueError(
-                f"'{dataset_dir}' is not an image file ({', '.join(_IMAGE_SUFFIXES)}): point --dataset_dir at a "
+                f"'{dataset_dir}' is not an image file ({', '.join(IMAGE_SUFFIXES)}): point --dataset_dir at a "
                 "4D multi-modality image, a folder of cases, or give a datalist with --data_list_file_path."
             )
         path = os.path.abspath(root)

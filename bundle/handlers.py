@@ -36,6 +36,8 @@ from monai.handlers import ConfusionMatrix
 from monai.metrics import compute_confusion_matrix_metric
 from monai.utils import IgniteInfo, ensure_tuple, min_version, optional_import, string_list_all_gather
 
+from .constants import strip_image_suffix
+
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
@@ -48,7 +50,6 @@ __all__ = ["SegmentationReport", "OverlayFigure", "ValidationHistory", "FIG3_COL
 #: Region colours of the SegAN paper's Fig. 3, in region order: whole tumour, tumour core, enhancing tumour.
 FIG3_COLORS = ("yellow", "blue", "red")
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
 def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
@@ -133,13 +134,6 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def _strip_suffix(name: str) -> str:
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _as_items(data: Any) -> list:
     """The per-case items of ``engine.state.batch`` / ``output``, whether the evaluator decollated them or not."""
     if data is None:
@@ -166,7 +160,7 @@ def _case_id(item: Any, case_key: str, image_key: str = "image") -> str | None:
         filename = filename[0]
     if filename is None or not isinstance(filename, (str, os.PathLike)) or not str(filename):
         return None
-    return _strip_suffix(os.path.basename(str(filename)))
+    return strip_image_suffix(os.path.basename(str(filename)))
 
 
 def _finite_or_none(value: float) -> float | None:

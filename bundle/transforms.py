@@ -19,11 +19,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImaged
 
-from .constants import MODALITIES, MSD_MODALITIES
+from .constants import MODALITIES, MSD_MODALITIES, strip_image_suffix
 
 __all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "source_name"]
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -179,7 +178,7 @@ class RegionsToLabeld(MapTransform):
 
 def source_file(image, meta_data: Mapping | None = None) -> str | None:
     """The file ``image`` was loaded from (the first one for a stacked multi-file case), if known."""
-    meta = meta_data or getattr(image, "meta", None) or {}
+    meta = getattr(image, "meta", None) or meta_data or {}
     name = meta.get("filename_or_obj")
     if isinstance(name, (list, tuple)):
         name = name[0] if name else None
@@ -254,21 +253,15 @@ class SaveCaseImaged(SaveImaged):
         case = data.get(self.case_key)
         if case is not None and str(case):
             return str(case)
-        value = data.get(key)
-        meta = getattr(value, "meta", None) or data.get(f"{key}_meta_dict") or {}
-        name = meta.get("filename_or_obj")
-        if isinstance(name, (list, tuple)):  # a multi-file case without case id: named after its first file
-            name = name[0] if name else None
+        name = source_file(data.get(key), data.get(f"{key}_meta_dict"))  # a multi-file case: its first file
         if not name:
             raise ValueError(
                 f"SaveCaseImaged: the item has no '{self.case_key}' entry and '{key}' no file name to name the output "
                 f"after; give each datalist item a '{self.case_key}'."
             )
-        name = os.path.basename(str(name))
-        for suffix in _IMAGE_SUFFIXES:
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return os.path.splitext(name)[0]
+        name = os.path.basename(name)
+        stem = strip_image_suffix(name)
+        return stem if stem != name else os.path.splitext(name)[0]
 
     def output_path(self, data: Mapping, key: Hashable) -> str:
         """``<output_dir>/<case>_<output_postfix><output_ext>`` for this item."""
