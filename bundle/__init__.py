@@ -10,8 +10,8 @@ rather than ``"$import bundle"``: MONAI evaluates import statements before ``run
 Importing the package therefore imports all of its modules.
 """
 
-from . import constants, datalist, demo, engines, handlers, losses, metrics, networks, transforms
+from . import constants, datalist, demo, engines, files, handlers, losses, metrics, networks, transforms
 
 __version__ = "0.1.0"
 
-__all__ = ["constants", "datalist", "demo", "engines", "handlers", "losses", "metrics", "networks", "transforms"]
+__all__ = ["constants", "datalist", "demo", "engines", "files", "handlers", "losses", "metrics", "networks", "transforms"]

@@ -32,6 +32,8 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter
 
+from .files import atomic_path
+
 __all__ = ["DEMO_MANIFEST", "make_demo_case", "make_demo_dataset", "ensure_demo_data", "stack_to_4d"]
 
 #: File written last into a generated dataset; it records the parameters and marks the dataset complete.
@@ -388,13 +390,7 @@ def stack_to_4d(files: Sequence, output_path) -> str:
         volumes.append(np.asarray(image.get_fdata(dtype=np.float32)))
     stacked = np.stack(volumes, axis=-1)
     out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
-    try:
-        _save_nifti(stacked, reference.affine, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out, suffix) as tmp:
+        _save_nifti(stacked, reference.affine, Path(tmp))
     return str(output_path)

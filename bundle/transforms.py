@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
@@ -19,6 +18,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImaged
 
+from .files import atomic_path
 from .constants import MODALITIES, MSD_MODALITIES, strip_image_suffix
 
 __all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "source_name"]
@@ -278,19 +278,11 @@ class SaveCaseImaged(SaveImaged):
                 meta_key = f"{key}_{meta_key_postfix}"
             meta_data = d.get(meta_key) if meta_key is not None else None
             path = self.output_path(d, key)
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            # same folder (so the rename is atomic), hidden (so no datalist scan picks it up), same extension
-            stem = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            tmp = f"{stem}{self.output_ext}"
-            try:
-                self.saver(img=d[key], meta_data=meta_data, filename=stem)
+            with atomic_path(path, self.output_ext) as tmp:
+                # MONAI's saver appends the extension itself
+                self.saver(img=d[key], meta_data=meta_data, filename=tmp[: -len(self.output_ext)])
                 if tmp.endswith((".nii", ".nii.gz")):
                     _restore_spatial_units(tmp, source_file(d[key], meta_data))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
             if self.print_log:
                 self.logger.info(f"saved {path}")
         return d

@@ -8,9 +8,7 @@ Paths in the file are relative to ``dataset_dir``; point ``data_list_file_path``
 from __future__ import annotations
 
 import json
-import os
 import sys
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from bundle.datalist import build_datalist  # noqa: E402
+from bundle.files import atomic_path  # noqa: E402
 
 
 def _grade_counts(items) -> str:
@@ -30,17 +29,9 @@ def main(dataset_dir: str, output: str, val_fraction: float = 0.1, seed: int = 0
     """Find the labelled cases under ``dataset_dir``, split them and write the JSON datalist to ``output``."""
     datalist = build_datalist(dataset_dir, val_fraction=val_fraction, seed=seed)
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # write next to the target, then rename: a reader never sees a half-written file
-    tmp = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(datalist, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp, open(tmp, "x", encoding="utf-8") as f:  # a reader never sees half a file
+        json.dump(datalist, f, indent=2)
+        f.write("\n")
 
     train, val = datalist["training"], datalist["validation"]
     print(f"cases found under {dataset_dir}: {len(train) + len(val)} ({_grade_counts(train + val)})")
