@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from .losses import MultiScaleL1Loss
 from .networks import SegANCritics
 
-__all__ = ["SegANTrainer", "CRITIC_LOSS", "ADVERSARIAL_LOSS"]
+__all__ = ["AlternatingTrainer", "SegANTrainer", "CRITIC_LOSS", "ADVERSARIAL_LOSS"]
 
 #: Engine output key of the critic's loss (the multi-scale L1 loss it maximises).
 CRITIC_LOSS = "critic_loss"
@@ -31,7 +31,43 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, (DistributedDataParallel, DataParallel)) else module
 
 
-class SegANTrainer(Trainer):
+class AlternatingTrainer(Trainer):
+    """A ``Trainer`` whose iteration alternates updates of several networks, each with its own optimiser.
+
+    Holds what such iterations share, so each adversarial trainer writes only its game: one AMP context and
+    one gradient scaler for all updates, and the batch preparation of ``SupervisedTrainer``.
+    """
+
+    def _prepare(self, batchdata: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's image and label on the engine's device; starts ``state.output`` with both."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+        image, label = batch[0], batch[1]
+        self.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
+        return image, label
+
+    def _autocast(self):
+        if self.amp and self.scaler is not None:
+            return torch.autocast("cuda", **self.amp_kwargs)
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.amp and self.scaler is not None else loss).backward()
+
+    def _update(self, optimizer: Optimizer) -> None:
+        if self.amp and self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def _end_updates(self) -> None:
+        """Once per iteration, after the last update: let the gradient scaler adapt its scale."""
+        if self.amp and self.scaler is not None:
+            self.scaler.update()
+
+
+class SegANTrainer(AlternatingTrainer):
     """Alternating critic / segmentor training with the multi-scale L1 loss (Xue et al. 2018, section 2.3).
 
     Each iteration:
@@ -128,26 +164,8 @@ class SegANTrainer(Trainer):
         self.critic_steps = critic_steps
         self.optim_set_to_none = optim_set_to_none
 
-    def _autocast(self):
-        if self.amp and self.scaler is not None:
-            return torch.autocast("cuda", **self.amp_kwargs)
-        return contextlib.nullcontext()
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.amp and self.scaler is not None else loss).backward()
-
-    def _update(self, optimizer: Optimizer) -> None:
-        if self.amp and self.scaler is not None:
-            self.scaler.step(optimizer)
-        else:
-            optimizer.step()
-
     def _iteration(self, engine: SegANTrainer, batchdata: dict[str, Any]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        image, label = batch[0], batch[1]
-        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
+        image, label = engine._prepare(batchdata)
         engine.network.train()
         engine.critic.train()
 
@@ -187,8 +205,7 @@ class SegANTrainer(Trainer):
         engine._backward(loss)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine._update(engine.optimizer)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.update()
+        engine._end_updates()
         critic.requires_grad_(True)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
