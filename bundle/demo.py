@@ -14,6 +14,11 @@ multiplicative bias field, Rician noise, partial-volume edges and a random gain 
 the tumour overlap normal tissue in intensity, so no single threshold segments it, while a small 2D
 network learns it in a few epochs. Background outside the head is exactly 0, as in skull-stripped BraTS.
 
+That default is easy: a small network reaches whole-tumour Dice 0.96 in a minute, so methods tie on it.
+``difficulty`` (0 = the default, 1 = hard; ``DIFFICULTY_RANGE``) raises the noise and the bias field,
+lowers the tumours' contrast against normal brain and their size, and perturbs the labels at region
+borders, so that methods can be told apart (``scripts/ablation.py``).
+
 Everything is drawn from ``numpy.random.default_rng([seed, case_index])``: the same seed gives identical
 arrays, and case ``i`` does not depend on how many cases are made.
 """
@@ -34,7 +39,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 
 from .files import atomic_path
 
-__all__ = ["DEMO_MANIFEST", "make_demo_case", "make_demo_dataset", "ensure_demo_data", "stack_to_4d"]
+__all__ = ["DEMO_MANIFEST", "DIFFICULTY_RANGE", "difficulty_settings", "make_demo_case", "make_demo_dataset", "ensure_demo_data", "stack_to_4d"]
 
 #: File written last into a generated dataset; it records the parameters and marks the dataset complete.
 DEMO_MANIFEST = "demo.json"
@@ -57,6 +62,27 @@ _TISSUE = {
 }
 _CONTRASTS = ("t1", "t1c", "t2", "flair")
 _NOISE_SIGMA = 0.04  # Rician noise level, relative to the tissue means above
+_BIAS_AMPLITUDE = 0.15  # the bias field's log-amplitude: about +-15 %
+
+#: What ``difficulty`` changes between 0 (the default demo, the same arrays as before the setting existed) and
+#: 1 (hard), each by linear interpolation. Contrast 0.5 pulls each tumour tissue's mean intensity halfway
+#: towards the normal brain's; label noise is the probability that a voxel on a border between two labels
+#: takes the label of a random 6-neighbour instead (annotators disagree at borders).
+DIFFICULTY_RANGE = {
+    "noise_sigma": (_NOISE_SIGMA, 0.14),
+    "bias_amplitude": (_BIAS_AMPLITUDE, 0.45),
+    "lesion_contrast": (1.0, 0.4),
+    "lesion_size": (1.0, 0.6),
+    "border_label_noise": (0.0, 0.3),
+}
+
+
+def difficulty_settings(difficulty: float = 0.0) -> dict[str, float]:
+    """The generator's settings at ``difficulty`` (0 default ... 1 hard), see ``DIFFICULTY_RANGE``."""
+    d = float(difficulty)
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"demo difficulty must be between 0 (the default demo) and 1 (hard), got {difficulty}.")
+    return {k: easy + d * (hard - easy) for k, (easy, hard) in DIFFICULTY_RANGE.items()}
 _BASE_GAIN = 1000.0  # scanner units: tissue means end up roughly in 0..1200
 
 
@@ -87,13 +113,14 @@ def _ellipsoid_distance(grid, center, radii) -> np.ndarray:
     return np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii))).astype(np.float32)
 
 
-def _tumour(rng, shape, brain, head_center, head_radii):
+def _tumour(rng, shape, brain, head_center, head_radii, size: float = 1.0):
     """One tumour: soft memberships (edema, core, necrosis) and hard masks, computed in a bounding box.
 
     Returns ``(box, soft, hard)`` where ``box`` is a tuple of slices into the volume, ``soft`` and ``hard`` are
     dicts with keys ``"edema"``, ``"core"``, ``"necrosis"``; core (enhancing rim + necrosis) lies inside the
     edema and the necrosis inside the rim, as in BraTS high-grade gliomas: a draw where the core touches
-    anything but edema, or the necrosis anything but the rim (6-connectivity), is drawn again.
+    anything but edema, or the necrosis anything but the rim (6-connectivity), is drawn again. ``size`` scales
+    the edema radii (the demo's difficulty setting).
     """
     for _ in range(200):
         # centre: uniform in the central 55 % (by radius) of the brain ellipsoid
@@ -102,7 +129,10 @@ def _tumour(rng, shape, brain, head_center, head_radii):
         depth = 0.85 * 0.55 * rng.uniform(0.0, 1.0) ** (1 / 3)
         center = np.asarray(head_center) + direction * depth * np.asarray(head_radii)
         # edema radii: 30-50 % of the head radius (15-25 % of the head size), anisotropic
-        edema_radii = np.maximum(np.asarray(head_radii) * rng.uniform(0.3, 0.5) * rng.uniform(0.8, 1.2, 3), 4.0)
+        edema_radii = np.asarray(head_radii) * rng.uniform(0.3, 0.5) * rng.uniform(0.8, 1.2, 3)
+        if size != 1.0:
+            edema_radii = edema_radii * size
+        edema_radii = np.maximum(edema_radii, 4.0)
         core_radii = np.maximum(edema_radii * rng.uniform(0.5, 0.7), 2.5)
         core_center = center + rng.uniform(-0.2, 0.2, 3) * (edema_radii - core_radii)
         necrosis_level = rng.uniform(0.5, 0.7)
@@ -144,12 +174,18 @@ def _tumour(rng, shape, brain, head_center, head_radii):
     raise RuntimeError(f"could not place a tumour with necrosis, rim and edema in a volume of shape {shape}.")
 
 
-def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def make_demo_case(
+    shape=(96, 96, 64), seed: int = 0, index: int = 0, difficulty: float = 0.0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Arrays of one synthetic case: ``({"t1", "t1c", "t2", "flair"} -> float32 (H, W, D), uint8 label)``.
 
-    Axial slices run along the last axis. Labels use the BraTS 2018-2021 values {0, 1, 2, 4}.
+    Axial slices run along the last axis. Labels use the BraTS 2018-2021 values {0, 1, 2, 4}. ``difficulty``
+    (0 to 1, see ``DIFFICULTY_RANGE``) adds noise and bias, lowers the tumour's contrast and size and perturbs
+    the labels at borders; at 0 the arrays are exactly those of the default demo. The extra label noise is
+    drawn from its own generator, so the image draws are the same at every difficulty.
     """
     shape = _check_shape(shape)
+    settings = difficulty_settings(difficulty)
     rng = np.random.default_rng([int(seed), int(index)])
     size = np.asarray(shape, dtype=np.float64)
     head_center = size / 2 - 0.5 + rng.uniform(-0.02, 0.02, 3) * size
@@ -170,7 +206,9 @@ def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[d
         radii = np.maximum(np.array([0.07, 0.26, 0.15]) * head_radii, 1.0)
         ventricles = np.maximum(ventricles, _ramp(_ellipsoid_distance(grid, center, radii), 0.3))
 
-    tumours = [_tumour(rng, shape, brain, head_center, head_radii) for _ in range(int(rng.integers(1, 3)))]
+    tumours = [
+        _tumour(rng, shape, brain, head_center, head_radii, settings["lesion_size"]) for _ in range(int(rng.integers(1, 3)))
+    ]
     soft = {k: np.zeros(shape, np.float32) for k in ("edema", "core", "necrosis")}
     label = np.zeros(shape, np.uint8)
     hard = {k: np.zeros(shape, bool) for k in ("edema", "core", "necrosis")}
@@ -181,6 +219,8 @@ def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[d
     label[hard["edema"]] = 2
     label[hard["core"]] = 4
     label[hard["necrosis"]] = 1
+    if settings["border_label_noise"] > 0:
+        label = _border_label_noise(label, settings["border_label_noise"], np.random.default_rng([int(seed), int(index), 1]))
     tumour_texture = _smooth_noise(rng, shape, sigma=1.5)
 
     images = {}
@@ -188,6 +228,10 @@ def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[d
               for a, s in enumerate(shape)]
     for c, contrast in enumerate(_CONTRASTS):
         t = {k: v[c] for k, v in _TISSUE.items()}
+        if settings["lesion_contrast"] != 1.0:  # tumour tissues pulled towards the normal brain's mean
+            normal = (t["white"] + t["grey"]) / 2
+            for k in ("edema", "enhancing", "necrosis"):
+                t[k] = normal + settings["lesion_contrast"] * (t[k] - normal)
         brain_tissue = white * t["white"] + (1 - white) * t["grey"]
         brain_tissue = brain_tissue * (1 - ventricles) + ventricles * t["csf"]
         image = np.where(r_head >= 0.94, t["scalp"], np.where(r_head >= 0.88, t["skull"], t["csf"]))
@@ -197,19 +241,39 @@ def make_demo_case(shape=(96, 96, 64), seed: int = 0, index: int = 0) -> tuple[d
         image = image * (1 - soft["edema"]) + soft["edema"] * t["edema"] * tumour_tex
         image = image * (1 - soft["core"]) + soft["core"] * t["enhancing"] * tumour_tex
         image = image * (1 - soft["necrosis"]) + soft["necrosis"] * t["necrosis"] * tumour_tex
-        # smooth multiplicative bias field: exp of a random quadratic polynomial, about +-15 %
+        # smooth multiplicative bias field: exp of a random quadratic polynomial, about +-15 % by default
         a = rng.normal(0.0, 1.0, 9)
         x, y, z = coords
         poly = a[0] * x + a[1] * y + a[2] * z + a[3] * x * y + a[4] * y * z + a[5] * x * z
         poly = poly + a[6] * x * x + a[7] * y * y + a[8] * z * z
-        image *= np.exp(0.15 * poly / max(float(np.abs(poly).max()), 1e-6))
+        image *= np.exp(settings["bias_amplitude"] * poly / max(float(np.abs(poly).max()), 1e-6))
         # Rician noise: magnitude of a complex signal with gaussian noise on both channels
-        n_re = rng.standard_normal(shape, dtype=np.float32) * _NOISE_SIGMA
-        n_im = rng.standard_normal(shape, dtype=np.float32) * _NOISE_SIGMA
+        n_re = rng.standard_normal(shape, dtype=np.float32) * settings["noise_sigma"]
+        n_im = rng.standard_normal(shape, dtype=np.float32) * settings["noise_sigma"]
         image = np.sqrt((image + n_re) ** 2 + n_im**2)
         gain = _BASE_GAIN * rng.uniform(0.8, 1.25)
         images[contrast] = np.where(head, image * gain, 0.0).astype(np.float32)
     return images, label
+
+
+def _border_label_noise(label: np.ndarray, probability: float, rng: np.random.Generator) -> np.ndarray:
+    """``label`` where each voxel with a differently labelled 6-neighbour takes, with ``probability``, the label
+    of one of its 6 neighbours drawn at random (border disagreement between annotators)."""
+    padded = np.pad(label, 1, mode="edge")
+    centre = tuple(slice(1, -1) for _ in range(3))
+    neighbours = []
+    for axis in range(3):
+        for step in (-1, 1):
+            view = list(centre)
+            view[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            neighbours.append(padded[tuple(view)])
+    neighbours = np.stack(neighbours)
+    border = (neighbours != label).any(axis=0)
+    flip = border & (rng.random(label.shape) < probability)
+    pick = rng.integers(0, len(neighbours), size=label.shape)
+    noisy = label.copy()
+    noisy[flip] = np.take_along_axis(neighbours, pick[None], axis=0)[0][flip]
+    return noisy
 
 
 def _affine(shape) -> np.ndarray:
@@ -232,9 +296,10 @@ def _case_id(index: int) -> str:
     return f"Demo_{index:03d}"
 
 
-def _manifest_params(num_cases: int, shape, seed: int) -> dict:
+def _manifest_params(num_cases: int, shape, seed: int, difficulty: float = 0.0) -> dict:
     return {
-        "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed)
+        "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed),
+        "difficulty": float(difficulty),
     }
 
 
@@ -247,6 +312,7 @@ def _is_complete(output_dir: Path, params: dict) -> bool:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    content.setdefault("difficulty", 0.0)  # written before the setting existed: the default demo
     if {k: content.get(k) for k in params} != params:
         return False
     for i in range(params["num_cases"]):
@@ -272,7 +338,7 @@ def _progress(iterable, enabled: bool, total: int):
 
 
 def make_demo_dataset(
-    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False
+    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False, difficulty: float = 0.0
 ) -> str:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
 
@@ -290,7 +356,8 @@ def make_demo_dataset(
             f"'{output_dir}' exists and is not a demo dataset (no {DEMO_MANIFEST}): choose another --output_dir, "
             "or remove it first."
         )
-    params = _manifest_params(num_cases, shape, seed)
+    difficulty_settings(difficulty)  # checked before anything is written
+    params = _manifest_params(num_cases, shape, seed, difficulty)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -299,7 +366,7 @@ def make_demo_dataset(
         cases = []
         start = time.perf_counter()
         for i in _progress(range(int(num_cases)), progress, int(num_cases)):
-            images, label = make_demo_case(shape, seed, i)
+            images, label = make_demo_case(shape, seed, i, difficulty)
             case = _case_id(i)
             (tmp / case).mkdir()
             for contrast, suffix in _FILE_SUFFIXES.items():
@@ -316,6 +383,7 @@ def make_demo_dataset(
             })
         manifest = {
             **params,
+            "difficulty_settings": difficulty_settings(difficulty),
             "layout": "BraTS 2018-2021 NIfTI: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
             "labels": {"0": "background", "1": "necrotic core", "2": "edema", "4": "enhancing tumour"},
             "seconds": round(time.perf_counter() - start, 2),
@@ -349,17 +417,19 @@ def _move_into_place(tmp: Path, out: Path, params: dict) -> None:
 
 
 def ensure_demo_data(
-    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False
+    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False, difficulty: float = 0.0
 ) -> str:
     """Return ``output_dir`` after making sure it holds the demo dataset for these parameters.
 
     Nothing is written when ``output_dir`` already holds a complete demo dataset made with the same
-    ``num_cases``, ``shape`` and ``seed`` (checked through its ``demo.json`` manifest and the case files);
+    ``num_cases``, ``shape``, ``seed`` and ``difficulty`` (checked through its ``demo.json`` manifest and the case files);
     otherwise it is generated with :func:`make_demo_dataset`.
     """
     shape = _check_shape(shape)
-    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed)):
-        make_demo_dataset(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=progress)
+    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty)):
+        make_demo_dataset(
+            output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=progress, difficulty=difficulty
+        )
     return str(output_dir)
 
 

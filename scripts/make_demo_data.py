@@ -2,6 +2,9 @@
 
     python scripts/make_demo_data.py --output_dir data/demo --num_cases 16 --shape "[96,96,64]" --seed 0
 
+``--difficulty`` (0 = the default demo, 1 = hard: more noise and bias, fainter and smaller tumours, noisy label
+borders; ``bundle.demo.DIFFICULTY_RANGE``) makes a dataset on which methods no longer all saturate.
+
 An existing demo dataset made with the same parameters is kept; pass ``--overwrite`` to regenerate it.
 """
 
@@ -20,23 +23,31 @@ from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_dataset  # no
 
 
 def main(
-    output_dir: str = "data/demo", num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, overwrite: bool = False
+    output_dir: str = "data/demo",
+    num_cases: int = 16,
+    shape=(96, 96, 64),
+    seed: int = 0,
+    overwrite: bool = False,
+    difficulty: float = 0.0,
 ) -> None:
     """Write ``num_cases`` cases of size ``shape`` to ``output_dir`` and print a summary of what was made."""
     start = time.perf_counter()
     manifest_file = Path(output_dir) / DEMO_MANIFEST
     before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
     if overwrite:
-        make_demo_dataset(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True)
+        make_demo_dataset(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True, difficulty=difficulty)
     else:
-        ensure_demo_data(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True)
+        ensure_demo_data(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True, difficulty=difficulty)
     seconds = time.perf_counter() - start
 
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     cases = manifest["cases"]
     kept = before is not None and manifest_file.stat().st_mtime_ns == before
     print(f"{'kept existing' if kept else 'generated'} demo dataset in {output_dir} ({seconds:.1f} s)")
-    print(f"cases: {len(cases)} of shape {manifest['shape']}, seed {manifest['seed']}, layout {manifest['layout']}")
+    print(
+        f"cases: {len(cases)} of shape {manifest['shape']}, seed {manifest['seed']}, difficulty "
+        f"{manifest.get('difficulty', 0.0)}, layout {manifest['layout']}"
+    )
     fractions = [c["tumour_fraction_of_head"] for c in cases]
     slices = [c["axial_slices_with_tumour"] / manifest["shape"][2] for c in cases]
     mean = sum(fractions) / len(cases)

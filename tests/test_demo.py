@@ -130,3 +130,62 @@ def test_cli_generates_and_summarises(tmp_path, capsys):
     module.main(output_dir=str(tmp_path / "demo"), num_cases=2, shape="[32,32,24]", seed=0)
     assert len(find_cases(tmp_path / "demo")) == 2
     assert "generated demo dataset" in capsys.readouterr().out
+
+
+def test_default_difficulty_is_the_demo_the_readme_measured():
+    # label voxel counts and mean intensities of the default demo before the difficulty setting existed
+    expected = {
+        0: ({1: 63, 2: 1885, 4: 308}, {"t1": 149.46, "t1c": 116.76, "t2": 153.71, "flair": 145.31}),
+        1: ({1: 132, 2: 1724, 4: 419}, {"t1": 147.52, "t1c": 164.53, "t2": 179.81, "flair": 164.44}),
+    }
+    for index, (counts, means) in expected.items():
+        images, label = make_demo_case(SHAPE, seed=0, index=index, difficulty=0.0)
+        assert {v: int((label == v).sum()) for v in (1, 2, 4)} == counts
+        assert {k: round(float(images[k].mean()), 2) for k in images} == means
+
+
+def _flair_contrast_and_noise(images, label):
+    from scipy.ndimage import gaussian_filter
+
+    head, tumour = images["t1"] > 0, label > 0
+    contrast = images["flair"][tumour].mean() / images["flair"][head & ~tumour].mean()
+    flair = images["flair"] / images["flair"][head].mean()
+    residual = flair - gaussian_filter(flair, 1.0)
+    return contrast, float(np.median(np.abs(residual[head])))  # the median ignores tissue edges
+
+
+def test_hard_demo_has_fainter_smaller_tumours_and_more_noise():
+    easy = [make_demo_case(SHAPE, seed=0, index=i) for i in range(3)]
+    hard = [make_demo_case(SHAPE, seed=0, index=i, difficulty=1.0) for i in range(3)]
+    for (e_images, e_label), (h_images, h_label) in zip(easy, hard):
+        e_contrast, e_noise = _flair_contrast_and_noise(e_images, e_label)
+        h_contrast, h_noise = _flair_contrast_and_noise(h_images, h_label)
+        assert h_contrast < e_contrast and h_noise > 1.2 * e_noise
+    assert sum((h > 0).sum() for _, h in hard) < 0.7 * sum((e > 0).sum() for _, e in easy)
+
+
+def test_border_label_noise_changes_only_border_voxels():
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[3:9, 3:9, 3:9] = 2
+    label[5:7, 5:7, 5:7] = 4
+    noisy = demo._border_label_noise(label, 1.0, np.random.default_rng(0))
+    changed = noisy != label
+    # a border voxel has a 6-neighbour with another label
+    border = np.zeros_like(changed)
+    for value in (0, 2, 4):
+        border |= binary_dilation(label == value) & (label != value)
+    assert changed.any() and not (changed & ~border).any()
+    assert set(np.unique(noisy)) == {0, 2, 4}
+
+
+def test_difficulty_is_recorded_and_checked(tmp_path):
+    out = tmp_path / "demo"
+    ensure_demo_data(out, num_cases=1, shape=SHAPE, seed=0, difficulty=1.0)
+    manifest = json.loads((out / DEMO_MANIFEST).read_text())
+    assert manifest["difficulty"] == 1.0 and manifest["difficulty_settings"]["lesion_contrast"] < 1.0
+    _, label = make_demo_case(SHAPE, seed=0, index=0, difficulty=1.0)
+    assert np.array_equal(np.asarray(nib.load(str(out / "Demo_000" / "Demo_000_seg.nii.gz")).dataobj), label)
+    ensure_demo_data(out, num_cases=1, shape=SHAPE, seed=0)  # the default difficulty: regenerated
+    assert json.loads((out / DEMO_MANIFEST).read_text())["difficulty"] == 0.0
+    with pytest.raises(ValueError, match="difficulty"):
+        make_demo_case(SHAPE, difficulty=2.0)
