@@ -1,18 +1,34 @@
 """Custom code of the SegAN MONAI bundle.
 
 Everything MONAI and ignite already provide is wired in ``configs/``; this package holds only what the
-method needs on top: the segmentor and critic networks, the multi-scale L1 loss, the adversarial trainers,
-BraTS-aware transforms and datalists, the synthetic demo data and the evaluation report; ``moeskops`` holds
-the networks of Moeskops et al. 2017, the other adversarial system of the source papers.
+method needs on top, one module per concept: ``networks`` (segmentor, critics), ``losses`` (multi-scale L1),
+``engines`` (the adversarial trainers), ``transforms``, ``cases`` (finding cases on disk, naming them),
+``datalist`` (split and load), ``demo`` (synthetic data), ``metrics``, ``reports`` and ``figures``
+(evaluation outputs), ``checkpoints`` (finding weights and training states), ``constants`` and ``files``;
+``moeskops`` holds the networks of Moeskops et al. 2017, the other adversarial system of the source papers.
 
 The configs reach it through one lazily resolved item, ``"segan": "$importlib.import_module('bundle')"``,
 rather than ``"$import bundle"``: MONAI evaluates import statements before ``run`` puts the bundle root on
 ``sys.path``, so an eager import fails for a bundle that is run from elsewhere without being installed.
-Importing the package therefore imports all of its modules.
+Submodules are imported on first use (``segan.demo.ensure_demo_data`` imports ``bundle.demo``), so a config
+pays only for the modules it touches.
 """
 
-from . import constants, datalist, demo, engines, files, handlers, losses, metrics, moeskops, networks, transforms
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["constants", "datalist", "demo", "engines", "files", "handlers", "losses", "metrics", "moeskops", "networks", "transforms"]
+__all__ = [
+    "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "losses", "metrics",
+    "moeskops", "networks", "reports", "transforms",
+]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,30 +1,12 @@
-"""Decathlon-style datalists for BraTS data (SPEC section 2).
+"""Decathlon-style datalists for the three workflows: training, inference and evaluation (SPEC section 2).
 
 SegAN was trained and validated on BRATS 2015 (220 HGG + 54 LGG subjects) split 9:1 into training and
-validation *separately for HGG and LGG* and then recombined (SegAN paper, section 4.1). This module finds
-the cases of a BraTS release on disk, makes that split, and loads the resulting datalist for the configs.
-
-Two layouts are recognised anywhere under ``dataset_dir``:
-
-* BraTS 2013/2015, ITK MetaImage, one folder per modality::
-
-      <...>/HGG/<subject>/VSD.Brain.XX.O.MR_Flair.<id>/VSD.Brain.XX.O.MR_Flair.<id>.mha
-      <...>/HGG/<subject>/VSD.Brain_3more.XX.O.OT.<id>/VSD.Brain_3more.XX.O.OT.<id>.mha
-
-  likewise ``MR_T1``, ``MR_T1c`` and ``MR_T2``; the label folder may also be ``VSD.Brain_2more``.
-* BraTS 2018-2021, NIfTI, one folder per case: ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``
-  (``t1ce`` is called ``t1c`` here). This is also the layout of the synthetic demo data (``bundle.demo``).
-
-Every datalist item has the form::
-
-    {"image": [t1, t1c, t2, flair], "label": seg, "case": "<case id>", "grade": "HGG" | "LGG" | None}
-
-with the images always in :data:`bundle.constants.MODALITIES` order and paths relative to ``dataset_dir``
-(posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
-folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
-For inference and evaluation, :func:`inference_datalist` also takes unlabelled cases, single 4D
-multi-modality files (MSD Task01, MONAI Label) and folders of them, and :func:`evaluation_datalist` checks
-that every case has a label; both give each item a unique ``"case"`` id that names its outputs.
+validation *separately for HGG and LGG* and then recombined (SegAN paper, section 4.1). This module makes
+that split of the cases :func:`bundle.cases.find_cases` finds, and loads a datalist for each workflow:
+:func:`load_datalist` for training, :func:`inference_datalist` (which also takes unlabelled cases, single 4D
+multi-modality files as in MSD Task01 or MONAI Label, and folders of them) and :func:`evaluation_datalist`
+(which checks that every case has a label). The last two give each item a unique ``"case"`` id
+(:func:`bundle.cases.case_id`) that names its outputs.
 """
 
 from __future__ import annotations
@@ -33,158 +15,17 @@ import json
 import math
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.constants import IMAGE_SUFFIXES, MODALITIES, strip_image_suffix
+from .cases import GRADES, LAYOUTS_SEARCHED, NIFTI_PATTERN, case_id, check_dataset_dir, find_cases
+from .constants import IMAGE_SUFFIXES
 
-__all__ = [
-    "GRADES",
-    "find_cases",
-    "split_cases",
-    "build_datalist",
-    "load_datalist",
-    "inference_datalist",
-    "evaluation_datalist",
-    "case_id_of",
-]
+__all__ = ["split_cases", "build_datalist", "load_datalist", "inference_datalist", "evaluation_datalist"]
 
-#: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
-GRADES = ("HGG", "LGG")
-
-# BraTS 2013/2015: the modality is the token before the numeric id, e.g. "VSD.Brain.XX.O.MR_T1c.54513.mha".
-# "MR_T1c" is listed before "MR_T1" and the token must end at a dot, so the two are never confused.
-_MHA_PATTERN = re.compile(r"\.(MR_T1c|MR_T1|MR_T2|MR_Flair|OT)\.[^.]+\.mha$", re.IGNORECASE)
-_MHA_NAMES = {"mr_t1": "t1", "mr_t1c": "t1c", "mr_t2": "t2", "mr_flair": "flair", "ot": "label"}
-# A modality folder such as "VSD.Brain.XX.O.MR_Flair.54512": the case is the folder above it.
-_MHA_FOLDER_PATTERN = re.compile(r"^VSD\.Brain", re.IGNORECASE)
-
-# BraTS 2018-2021: "<case>_<suffix>.nii.gz"; the suffix must be followed by ".nii", so "_t1" never eats "_t1ce".
-_NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<suffix>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
-_NIFTI_NAMES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair", "seg": "label"}
-
-_LAYOUTS_SEARCHED = (
-    "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
-    "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
-)
 # a single-file (4D, channels last) multi-modality case, as in MSD Task01 or a MONAI Label datastore
 _SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii")
 _HOW_TO_PREPARE = "write one with: python scripts/prepare_datalist.py --dataset_dir <data> --output <file.json>"
-
-
-def _check_dataset_dir(dataset_dir) -> Path:
-    if not dataset_dir:
-        raise ValueError(
-            "dataset_dir is empty: set it to the folder holding the BraTS data (e.g. --dataset_dir data/BRATS2015), "
-            "or make demo data with: python scripts/make_demo_data.py --output_dir data/demo"
-        )
-    root = Path(dataset_dir)
-    if not root.exists():
-        raise FileNotFoundError(
-            f"dataset_dir '{dataset_dir}' does not exist: pass --dataset_dir with the folder holding the BraTS "
-            "data, or make demo data there with: python scripts/make_demo_data.py --output_dir <dataset_dir>"
-        )
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset_dir '{dataset_dir}' is a file, not a folder: point it at the data folder.")
-    return root
-
-
-def _grade_of(folder: Path, root: Path) -> str | None:
-    """Grade from the nearest ``HGG``/``LGG`` folder between ``root`` and ``folder`` (``None`` if there is none)."""
-    for part in reversed(folder.relative_to(root).parts):
-        if part.upper() in GRADES:
-            return part.upper()
-    return None
-
-
-def _scan(root: Path) -> dict[tuple[str, str], dict]:
-    """Group the modality files under ``root`` by case: ``(case folder, case id) -> {"files": {name: path}}``."""
-    groups: dict[tuple[str, str], dict] = {}
-    for folder, subfolders, files in os.walk(root):
-        # skip hidden folders (e.g. the demo generator's half-written ".demo.tmp-*") and macOS archive debris
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = Path(folder) / name
-            match = _MHA_PATTERN.search(name)
-            if match:
-                modality = _MHA_NAMES[match.group(1).lower()]
-                case_dir = path.parent.parent if _MHA_FOLDER_PATTERN.match(path.parent.name) else path.parent
-                case_id = case_dir.name
-            else:
-                match = _NIFTI_PATTERN.match(name)
-                if not match:
-                    continue
-                modality = _NIFTI_NAMES[match.group("suffix").lower()]
-                case_dir, case_id = path.parent, match.group("case")
-            group = groups.setdefault((str(case_dir), case_id), {"dir": case_dir, "files": {}})
-            if modality in group["files"]:
-                raise ValueError(
-                    f"case '{case_id}' in '{case_dir}' has two {modality} files: '{group['files'][modality]}' and "
-                    f"'{path}'. Remove one of them."
-                )
-            group["files"][modality] = path
-    return groups
-
-
-def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
-    """Find every BraTS case under ``dataset_dir`` (searched recursively, hidden folders skipped).
-
-    Args:
-        dataset_dir: root folder of a BraTS release, or any folder above it.
-        require_label: keep only cases with a ground-truth label (training/validation). With ``False`` the
-            cases without one (e.g. the BRATS 2015 test subjects) are included too, without a ``"label"`` key.
-
-    Returns:
-        datalist items ``{"image": [t1, t1c, t2, flair], "label", "case", "grade"}`` sorted by case id, paths
-        relative to ``dataset_dir`` with posix separators.
-
-    Raises:
-        FileNotFoundError: ``dataset_dir`` is missing, or holds no case in a known layout.
-        ValueError: a case lacks one of the four modalities (the message names the case and the modality).
-    """
-    root = _check_dataset_dir(dataset_dir)
-    groups = _scan(root)
-    if not groups:
-        raise FileNotFoundError(f"no BraTS case found under '{dataset_dir}'. Layouts searched: {_LAYOUTS_SEARCHED}.")
-
-    cases, unlabelled = [], 0
-    for (_, case_id), group in groups.items():
-        files = group["files"]
-        missing = [m for m in MODALITIES if m not in files]
-        if missing:
-            raise ValueError(
-                f"case '{case_id}' in '{group['dir']}' is missing modality {', '.join(missing)} "
-                f"(found: {', '.join(sorted(files)) or 'nothing'}). SegAN needs all of {', '.join(MODALITIES)}: "
-                "restore the missing file(s) or move the case out of dataset_dir."
-            )
-        if "label" not in files:
-            unlabelled += 1
-            if require_label:
-                continue
-        item = {"image": [files[m].relative_to(root).as_posix() for m in MODALITIES]}
-        if "label" in files:
-            item["label"] = files["label"].relative_to(root).as_posix()
-        item["case"] = case_id
-        item["grade"] = _grade_of(group["dir"], root)
-        cases.append((item, group["dir"].relative_to(root).as_posix()))
-
-    if not cases:
-        raise FileNotFoundError(
-            f"none of the {unlabelled} case(s) under '{dataset_dir}' has a label (OT .mha or *_seg.nii.gz): "
-            "training needs labelled cases; point dataset_dir at the training data."
-        )
-    # a case id seen twice (e.g. one subject in two copies of a release) is replaced by its folder path,
-    # so that case ids stay unique and the split stays unambiguous
-    seen: dict[str, int] = {}
-    for item, _ in cases:
-        seen[item["case"]] = seen.get(item["case"], 0) + 1
-    for item, case_dir in cases:
-        if seen[item["case"]] > 1:
-            item["case"] = case_dir
-    return sorted((item for item, _ in cases), key=lambda item: (item["case"], item["image"][0]))
 
 
 def _group_key(grade) -> tuple:
@@ -269,7 +110,7 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
                 f"key '{key}' cannot be built from dataset_dir (only 'training' and 'validation'); {_HOW_TO_PREPARE}"
             )
         items = build_datalist(dataset_dir)[key]
-        base = _check_dataset_dir(dataset_dir)
+        base = check_dataset_dir(dataset_dir)
         source = f"datalist built from '{dataset_dir}'"
     else:
         list_file = Path(data_list_file_path)
@@ -287,7 +128,7 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
         listed = [item for item in listed or [] if isinstance(item, dict) and "image" in item]
         if key in ("training", "validation") and "validation" not in content and len(listed) >= 2:
             # a Decathlon dataset.json lists only "training": hold out the validation split from it
-            train, val = split_cases([{**item, "case": item.get("case") or case_id_of(item["image"])} for item in listed])
+            train, val = split_cases([{**item, "case": item.get("case") or case_id(item["image"])} for item in listed])
             content = {**content, "training": train, "validation": val}
         if not isinstance(content, dict) or key not in content:
             found = ", ".join(sorted(content)) if isinstance(content, dict) else type(content).__name__
@@ -321,34 +162,14 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
     return out
 
 
-def case_id_of(image) -> str:
-    """Case id of a datalist ``image`` entry that has no ``"case"``: what output files are named after.
-
-    A list of modality files is named like :func:`find_cases` names it (``<case>`` of
-    ``<case>_t1.nii.gz``; the subject folder of a BRATS 2013/2015 ``VSD.Brain...`` file; otherwise the
-    folder holding the first file). A single (4D) file is named after its file name without extension.
-    """
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise ValueError("a datalist item has an empty 'image' list.")
-        first = Path(str(image[0]))
-        match = _NIFTI_PATTERN.match(first.name)
-        if match:
-            return match.group("case")
-        if _MHA_PATTERN.search(first.name) and _MHA_FOLDER_PATTERN.match(first.parent.name):
-            return first.parent.parent.name
-        return first.parent.name
-    return strip_image_suffix(Path(str(image)).name)
-
-
 def _with_case_ids(items: list[dict], source: str) -> list[dict]:
-    """Give every item a ``"case"`` (see :func:`case_id_of`) and check that no two items share one."""
+    """Give every item a ``"case"`` (see :func:`bundle.cases.case_id`) and check that no two items share one."""
     seen: dict[str, int] = {}
     out = []
     for i, item in enumerate(items):
         item = dict(item)
         if not item.get("case"):
-            item["case"] = case_id_of(item["image"])
+            item["case"] = case_id(item["image"])
         item["case"] = str(item["case"])
         if item["case"] in seen:
             raise ValueError(
@@ -366,7 +187,7 @@ def _single_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.iterdir()):
         name = path.name
-        if name.startswith(".") or not path.is_file() or _NIFTI_PATTERN.match(name):
+        if name.startswith(".") or not path.is_file() or NIFTI_PATTERN.match(name):
             continue
         if name.lower().endswith(_SINGLE_FILE_SUFFIXES):
             files.append(path)
@@ -382,11 +203,12 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
       :func:`load_datalist`; relative paths resolved against ``dataset_dir``, or the file's folder);
     * ``dataset_dir`` as a single image file: one case, a 4D multi-modality file (channels last, e.g. MSD
       Task01's ``BRATS_001.nii.gz`` or what MONAI Label sends);
-    * ``dataset_dir`` as a folder of BraTS cases in a layout :func:`find_cases` knows (labels not needed);
+    * ``dataset_dir`` as a folder of BraTS cases in a layout :func:`bundle.cases.find_cases` knows (labels
+      not needed);
     * ``dataset_dir`` as a folder of 4D ``.nii``/``.nii.gz`` files, one case per file.
 
-    Each item's ``"case"`` (from the datalist, :func:`find_cases`, or :func:`case_id_of`) names its output
-    file, so case ids must be unique.
+    Each item's ``"case"`` (from the datalist, :func:`bundle.cases.find_cases`, or :func:`bundle.cases.case_id`)
+    names its output file, so case ids must be unique.
     """
     if data_list_file_path:
         items = load_datalist(data_list_file_path, dataset_dir, key)
@@ -410,8 +232,8 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
                 "4D multi-modality image, a folder of cases, or give a datalist with --data_list_file_path."
             )
         path = os.path.abspath(root)
-        return [{"image": path, "case": case_id_of(path)}]
-    root = _check_dataset_dir(dataset_dir)
+        return [{"image": path, "case": case_id(path)}]
+    root = check_dataset_dir(dataset_dir)
     try:
         cases = find_cases(root, require_label=False)
     except FileNotFoundError:
@@ -424,11 +246,11 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
     files = _single_files(root)
     if not files:
         raise FileNotFoundError(
-            f"no case found in '{dataset_dir}'. Searched: {_LAYOUTS_SEARCHED} (recursively), and 4D multi-modality "
+            f"no case found in '{dataset_dir}'. Searched: {LAYOUTS_SEARCHED} (recursively), and 4D multi-modality "
             "*.nii.gz / *.nii files (directly in the folder). Point --dataset_dir at one of those, or give a "
             "datalist with --data_list_file_path."
         )
-    items = [{"image": str(f.resolve()), "case": case_id_of(f)} for f in files]
+    items = [{"image": str(f.resolve()), "case": case_id(f)} for f in files]
     return _with_case_ids(items, f"4D image files in '{dataset_dir}'")
 
 

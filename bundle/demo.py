@@ -3,7 +3,7 @@
 The cases imitate what SegAN sees in BRATS (SPEC section 2): four co-registered MR contrasts of a head and
 a label map with the BraTS 2018-2021 values 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour,
 written in the BraTS 2018-2021 NIfTI layout ``<out>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` so that
-:func:`bundle.datalist.find_cases` reads them like the real thing.
+:func:`bundle.cases.find_cases` reads them like the real thing.
 
 Each case is an ellipsoidal head (scalp, dark skull, CSF rim) around a brain whose white/grey-matter mix
 and fine texture come from smoothed noise, with two CSF-filled "ventricles". One or two tumours sit at
@@ -30,16 +30,16 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter
+from tqdm import tqdm
 
-from .files import atomic_path
-
-__all__ = ["DEMO_MANIFEST", "DIFFICULTY_RANGE", "difficulty_settings", "make_demo_case", "make_demo_dataset", "ensure_demo_data", "stack_to_4d"]
+__all__ = [
+    "DEMO_MANIFEST", "DIFFICULTY_RANGE", "difficulty_settings", "make_demo_case", "make_demo_dataset", "ensure_demo_data"
+]
 
 #: File written last into a generated dataset; it records the parameters and marks the dataset complete.
 DEMO_MANIFEST = "demo.json"
@@ -292,7 +292,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, str(path))
 
 
-def _case_id(index: int) -> str:
+def _case_name(index: int) -> str:
     return f"Demo_{index:03d}"
 
 
@@ -316,25 +316,11 @@ def _is_complete(output_dir: Path, params: dict) -> bool:
     if {k: content.get(k) for k in params} != params:
         return False
     for i in range(params["num_cases"]):
-        case = _case_id(i)
+        case = _case_name(i)
         for suffix in (*_FILE_SUFFIXES.values(), "seg"):
             if not (output_dir / case / f"{case}_{suffix}.nii.gz").is_file():
                 return False
     return True
-
-
-def _progress(iterable, enabled: bool, total: int):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        def plain():
-            for i, item in enumerate(iterable):
-                print(f"demo case {i + 1}/{total}", flush=True)
-                yield item
-        return plain()
-    return tqdm(iterable, total=total, desc="demo cases", unit="case")
 
 
 def make_demo_dataset(
@@ -365,9 +351,9 @@ def make_demo_dataset(
         affine = _affine(shape)
         cases = []
         start = time.perf_counter()
-        for i in _progress(range(int(num_cases)), progress, int(num_cases)):
+        for i in tqdm(range(int(num_cases)), desc="demo cases", unit="case", disable=not progress):
             images, label = make_demo_case(shape, seed, i, difficulty)
-            case = _case_id(i)
+            case = _case_name(i)
             (tmp / case).mkdir()
             for contrast, suffix in _FILE_SUFFIXES.items():
                 _save_nifti(images[contrast], affine, tmp / case / f"{case}_{suffix}.nii.gz")
@@ -431,36 +417,3 @@ def ensure_demo_data(
             output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=progress, difficulty=difficulty
         )
     return str(output_dir)
-
-
-def stack_to_4d(files: Sequence, output_path) -> str:
-    """Stack 3D modality files, in the given order, into one 4D (H, W, D, C) float32 NIfTI with the same affine.
-
-    This makes single-file multi-modality cases like those of MSD Task01 or a MONAI Label datastore (SPEC
-    section 4). Note MSD orders its channels flair, t1, t1c, t2 (``bundle.constants.MSD_MODALITIES``); pass
-    ``files`` in the order the consumer expects. Returns ``output_path``.
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        raise ValueError("stack_to_4d needs at least one modality file.")
-    volumes, reference = [], None
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"modality file '{f}' does not exist.")
-        image = nib.load(str(f))
-        if len(image.shape) != 3:
-            raise ValueError(f"'{f}' has shape {image.shape}; stack_to_4d expects 3D volumes.")
-        if reference is None:
-            reference = image
-        elif image.shape != reference.shape or not np.allclose(image.affine, reference.affine, atol=1e-4):
-            raise ValueError(
-                f"'{f}' (shape {image.shape}) does not share the grid of '{files[0]}' (shape {reference.shape}): "
-                "only co-registered modalities of one case can be stacked."
-            )
-        volumes.append(np.asarray(image.get_fdata(dtype=np.float32)))
-    stacked = np.stack(volumes, axis=-1)
-    out = Path(output_path)
-    suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
-    with atomic_path(out, suffix) as tmp:
-        _save_nifti(stacked, reference.affine, Path(tmp))
-    return str(output_path)

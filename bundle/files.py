@@ -7,7 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -29,3 +29,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path`, flushed to disk, so ``path`` is never partial."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -18,11 +18,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImaged
 
+from .cases import case_id
+from .constants import MODALITIES, MSD_MODALITIES
 from .files import atomic_path
-from .constants import MODALITIES, MSD_MODALITIES, strip_image_suffix
 
 __all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "source_name"]
-
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -208,8 +208,8 @@ class SaveCaseImaged(SaveImaged):
     A ``monai.transforms.SaveImaged`` (so MONAI Label drops it from ``postprocessing`` like any other saver)
     with two differences that inference over many cases needs:
 
-    * the file is named after the item's case id (``data[case_key]``, e.g. ``"BraTS2021_00000"``), not after
-      the first of its modality files; without a case id, the image file name without extension is used.
+    * the file is named after the item's case id (:func:`bundle.cases.case_id`: ``data[case_key]``, e.g.
+      ``"BraTS2021_00000"``, else named from its files), not after the first of its modality files.
       A case id with folders (``"HGG/brats_2013_pat0001_1"``) gives the same sub-folders under ``output_dir``.
     * the file is written under a hidden temporary name in the same folder and renamed when complete, so an
       interrupted or failed write leaves no partial file behind, and an earlier result is replaced whole.
@@ -249,19 +249,14 @@ class SaveCaseImaged(SaveImaged):
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def case_name(self, data: Mapping, key: Hashable) -> str:
-        """The case id naming ``data[key]``'s file: ``data[case_key]``, else the image file name."""
-        case = data.get(self.case_key)
-        if case is not None and str(case):
-            return str(case)
-        name = source_file(data.get(key), data.get(f"{key}_meta_dict"))  # a multi-file case: its first file
-        if not name:
+        """The case id naming ``data[key]``'s file: ``data[case_key]``, else from its file name(s)."""
+        case = case_id(data, self.case_key, image_key=key)
+        if not case:
             raise ValueError(
                 f"SaveCaseImaged: the item has no '{self.case_key}' entry and '{key}' no file name to name the output "
                 f"after; give each datalist item a '{self.case_key}'."
             )
-        name = os.path.basename(name)
-        stem = strip_image_suffix(name)
-        return stem if stem != name else os.path.splitext(name)[0]
+        return case
 
     def output_path(self, data: Mapping, key: Hashable) -> str:
         """``<output_dir>/<case>_<output_postfix><output_ext>`` for this item."""

@@ -1,20 +1,13 @@
 """The loading benchmark runs and shows what caching volumes and sampling many slices from each buys."""
 
-import importlib.util
-import os
-
 from bundle.demo import make_demo_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
 
 
 def test_cached_slice_sampling_outpaces_reloading_a_volume_per_slice(tmp_path):
     data = tmp_path / "demo"
     make_demo_dataset(str(data), num_cases=3, shape=(48, 48, 24), seed=2)
-    spec = importlib.util.spec_from_file_location("benchmark_loading", os.path.join(ROOT, "scripts", "benchmark_loading.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = module.benchmark(
+    results = load_script("benchmark_loading").benchmark(
         batches=2, dataset_dir=str(data), crop_size=[48, 48, 24], patch_size=[32, 32], slices_per_volume=8
     )
     assert results["naive"] > 0

@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.demo import make_demo_dataset
-from tiny_settings import TINY
+from helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")

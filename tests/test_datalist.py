@@ -1,6 +1,5 @@
 """Datalists: BraTS cases are found in both layouts and split 9:1 per grade (SPEC section 2)."""
 
-import importlib.util
 import json
 import os
 import random
@@ -11,21 +10,15 @@ import numpy as np
 import pytest
 
 from bundle.constants import MODALITIES
-from bundle.datalist import build_datalist, find_cases, load_datalist, split_cases
+from bundle.cases import find_cases
+from bundle.datalist import build_datalist, load_datalist, split_cases
+from helpers import load_script
 
 # ITK's SWIG wrappers warn on import under Python >= 3.11; unrelated to what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
 # fill value of each BraTS 2015 modality folder, so a test can tell by content which file is which
 MHA_VALUES = {"MR_T1": 1, "MR_T1c": 2, "MR_T2": 3, "MR_Flair": 4, "OT": 9}
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_brats2015_subject(root, grade_dir, subject, uid, label="3more"):
@@ -171,7 +164,7 @@ def test_load_datalist_builds_in_memory_without_file(tmp_path):
 
 def test_cli_writes_json(brats2015, tmp_path, capsys):
     output = tmp_path / "lists" / "brats2015.json"
-    _load_script("prepare_datalist").main(dataset_dir=str(brats2015), output=str(output), val_fraction=0.1, seed=0)
+    load_script("prepare_datalist").main(dataset_dir=str(brats2015), output=str(output), val_fraction=0.1, seed=0)
     assert json.loads(output.read_text()) == build_datalist(brats2015)
     assert os.listdir(output.parent) == ["brats2015.json"]  # no temporary file left behind
     printed = capsys.readouterr().out

@@ -1,6 +1,5 @@
 """Synthetic demo data: BraTS 2018-2021 layout, BraTS labels nested like a glioma, deterministic, written safely."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,10 +10,10 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 import bundle.demo as demo
-from bundle.datalist import find_cases
-from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_case, make_demo_dataset, stack_to_4d
+from bundle.cases import find_cases
+from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_case, make_demo_dataset
+from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 24)
 SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")
 
@@ -113,21 +112,8 @@ def test_refuses_to_replace_other_data(tmp_path):
         make_demo_dataset(tmp_path / "mine", num_cases=1, shape=SHAPE)
 
 
-def test_stack_to_4d_keeps_order_and_affine(dataset, tmp_path):
-    files = [dataset / "Demo_000" / f"Demo_000_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")]
-    out = stack_to_4d(files, tmp_path / "Demo_000.nii.gz")
-    stacked = nib.load(out)
-    assert stacked.shape == (*SHAPE, 4)
-    assert np.allclose(stacked.affine, _load(dataset, "Demo_000", "t1").affine)
-    assert np.array_equal(stacked.get_fdata(dtype=np.float32)[..., 1], _load(dataset, "Demo_000", "t1ce").get_fdata())
-    assert os.listdir(tmp_path) == ["Demo_000.nii.gz"]
-
-
 def test_cli_generates_and_summarises(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(output_dir=str(tmp_path / "demo"), num_cases=2, shape="[32,32,24]", seed=0)
+    load_script("make_demo_data").main(output_dir=str(tmp_path / "demo"), num_cases=2, shape="[32,32,24]", seed=0)
     assert len(find_cases(tmp_path / "demo")) == 2
     assert "generated demo dataset" in capsys.readouterr().out
 

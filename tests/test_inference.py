@@ -19,7 +19,8 @@ from monai.transforms import NormalizeIntensity
 
 from bundle.constants import MODALITIES, MSD_MODALITIES
 from bundle.datalist import inference_datalist
-from bundle.demo import make_demo_dataset, stack_to_4d
+from bundle.demo import make_demo_dataset
+from helpers import stack_to_4d
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = str(ROOT / "configs" / "inference.json")

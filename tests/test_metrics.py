@@ -21,7 +21,8 @@ from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, MeanIoU
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.transforms import AsDiscreted
 
-from bundle.handlers import OverlayFigure, SegmentationReport
+from bundle.figures import OverlayFigure
+from bundle.reports import SegmentationReport
 from bundle.metrics import ComponentCount, ComponentCountMetric, count_components
 
 REGIONS = ["whole_tumor", "tumor_core", "enhancing_tumor"]
@@ -170,7 +171,9 @@ def test_report_and_overlay_from_an_evaluator(tmp_path):
             "val_components": ComponentCount(output_transform=from_engine(["pred", "label"])),
         },
         val_handlers=[
-            SegmentationReport(tmp_path, REGIONS),
+            SegmentationReport(
+                tmp_path, REGIONS, confusion_metrics={"val_precision": "precision", "val_sensitivity": "sensitivity"}
+            ),
             OverlayFigure(tmp_path, REGIONS, num_cases=4),
         ],
     )

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from bundle.demo import make_demo_dataset
-from tiny_settings import TINY
+from helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

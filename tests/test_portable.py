@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from bundle.demo import make_demo_dataset
-from tiny_settings import TINY as TINY_SETTINGS
+from helpers import TINY as TINY_SETTINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,216 @@
+"""Finding BraTS cases on disk, and the one function that names a case (SPEC section 2).
+
+Two layouts are recognised anywhere under ``dataset_dir``:
+
+* BraTS 2013/2015, ITK MetaImage, one folder per modality::
+
+      <...>/HGG/<subject>/VSD.Brain.XX.O.MR_Flair.<id>/VSD.Brain.XX.O.MR_Flair.<id>.mha
+      <...>/HGG/<subject>/VSD.Brain_3more.XX.O.OT.<id>/VSD.Brain_3more.XX.O.OT.<id>.mha
+
+  likewise ``MR_T1``, ``MR_T1c`` and ``MR_T2``; the label folder may also be ``VSD.Brain_2more``.
+* BraTS 2018-2021, NIfTI, one folder per case: ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``
+  (``t1ce`` is called ``t1c`` here). This is also the layout of the synthetic demo data (``bundle.demo``).
+
+Every case found has the form::
+
+    {"image": [t1, t1c, t2, flair], "label": seg, "case": "<case id>", "grade": "HGG" | "LGG" | None}
+
+with the images always in :data:`bundle.constants.MODALITIES` order and paths relative to ``dataset_dir``
+(posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
+folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
+
+:func:`case_id` is what every output file of a case is named after: datalists, saved label maps, report rows
+and figure titles all call it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .constants import MODALITIES, strip_image_suffix
+
+__all__ = ["GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id"]
+
+#: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
+GRADES = ("HGG", "LGG")
+
+# BraTS 2013/2015: the modality is the token before the numeric id, e.g. "VSD.Brain.XX.O.MR_T1c.54513.mha".
+# "MR_T1c" is listed before "MR_T1" and the token must end at a dot, so the two are never confused.
+_MHA_PATTERN = re.compile(r"\.(MR_T1c|MR_T1|MR_T2|MR_Flair|OT)\.[^.]+\.mha$", re.IGNORECASE)
+_MHA_NAMES = {"mr_t1": "t1", "mr_t1c": "t1c", "mr_t2": "t2", "mr_flair": "flair", "ot": "label"}
+# A modality folder such as "VSD.Brain.XX.O.MR_Flair.54512": the case is the folder above it.
+_MHA_FOLDER_PATTERN = re.compile(r"^VSD\.Brain", re.IGNORECASE)
+
+#: BraTS 2018-2021: "<case>_<suffix>.nii.gz"; the suffix must be followed by ".nii", so "_t1" never eats "_t1ce".
+NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<suffix>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_NIFTI_NAMES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair", "seg": "label"}
+
+#: The layouts :func:`find_cases` knows, for error messages.
+LAYOUTS_SEARCHED = (
+    "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
+    "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
+)
+
+
+def check_dataset_dir(dataset_dir) -> Path:
+    """``dataset_dir`` as a ``Path`` if it is an existing folder; otherwise an error saying what to pass."""
+    if not dataset_dir:
+        raise ValueError(
+            "dataset_dir is empty: set it to the folder holding the BraTS data (e.g. --dataset_dir data/BRATS2015), "
+            "or make demo data with: python scripts/make_demo_data.py --output_dir data/demo"
+        )
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset_dir '{dataset_dir}' does not exist: pass --dataset_dir with the folder holding the BraTS "
+            "data, or make demo data there with: python scripts/make_demo_data.py --output_dir <dataset_dir>"
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset_dir '{dataset_dir}' is a file, not a folder: point it at the data folder.")
+    return root
+
+
+def _grade_of(folder: Path, root: Path) -> str | None:
+    """Grade from the nearest ``HGG``/``LGG`` folder between ``root`` and ``folder`` (``None`` if there is none)."""
+    for part in reversed(folder.relative_to(root).parts):
+        if part.upper() in GRADES:
+            return part.upper()
+    return None
+
+
+def _scan(root: Path) -> dict[tuple[str, str], dict]:
+    """Group the modality files under ``root`` by case: ``(case folder, case id) -> {"files": {name: path}}``."""
+    groups: dict[tuple[str, str], dict] = {}
+    for folder, subfolders, files in os.walk(root):
+        # skip hidden folders (e.g. the demo generator's half-written ".demo.tmp-*") and macOS archive debris
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            match = _MHA_PATTERN.search(name)
+            if match:
+                modality = _MHA_NAMES[match.group(1).lower()]
+                case_dir = path.parent.parent if _MHA_FOLDER_PATTERN.match(path.parent.name) else path.parent
+                case = case_dir.name
+            else:
+                match = NIFTI_PATTERN.match(name)
+                if not match:
+                    continue
+                modality = _NIFTI_NAMES[match.group("suffix").lower()]
+                case_dir, case = path.parent, match.group("case")
+            group = groups.setdefault((str(case_dir), case), {"dir": case_dir, "files": {}})
+            if modality in group["files"]:
+                raise ValueError(
+                    f"case '{case}' in '{case_dir}' has two {modality} files: '{group['files'][modality]}' and "
+                    f"'{path}'. Remove one of them."
+                )
+            group["files"][modality] = path
+    return groups
+
+
+def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
+    """Find every BraTS case under ``dataset_dir`` (searched recursively, hidden folders skipped).
+
+    Args:
+        dataset_dir: root folder of a BraTS release, or any folder above it.
+        require_label: keep only cases with a ground-truth label (training/validation). With ``False`` the
+            cases without one (e.g. the BRATS 2015 test subjects) are included too, without a ``"label"`` key.
+
+    Returns:
+        datalist items ``{"image": [t1, t1c, t2, flair], "label", "case", "grade"}`` sorted by case id, paths
+        relative to ``dataset_dir`` with posix separators.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` is missing, or holds no case in a known layout.
+        ValueError: a case lacks one of the four modalities (the message names the case and the modality).
+    """
+    root = check_dataset_dir(dataset_dir)
+    groups = _scan(root)
+    if not groups:
+        raise FileNotFoundError(f"no BraTS case found under '{dataset_dir}'. Layouts searched: {LAYOUTS_SEARCHED}.")
+
+    cases, unlabelled = [], 0
+    for (_, case), group in groups.items():
+        files = group["files"]
+        missing = [m for m in MODALITIES if m not in files]
+        if missing:
+            raise ValueError(
+                f"case '{case}' in '{group['dir']}' is missing modality {', '.join(missing)} "
+                f"(found: {', '.join(sorted(files)) or 'nothing'}). SegAN needs all of {', '.join(MODALITIES)}: "
+                "restore the missing file(s) or move the case out of dataset_dir."
+            )
+        if "label" not in files:
+            unlabelled += 1
+            if require_label:
+                continue
+        item = {"image": [files[m].relative_to(root).as_posix() for m in MODALITIES]}
+        if "label" in files:
+            item["label"] = files["label"].relative_to(root).as_posix()
+        item["case"] = case
+        item["grade"] = _grade_of(group["dir"], root)
+        cases.append((item, group["dir"].relative_to(root).as_posix()))
+
+    if not cases:
+        raise FileNotFoundError(
+            f"none of the {unlabelled} case(s) under '{dataset_dir}' has a label (OT .mha or *_seg.nii.gz): "
+            "training needs labelled cases; point dataset_dir at the training data."
+        )
+    # a case id seen twice (e.g. one subject in two copies of a release) is replaced by its folder path,
+    # so that case ids stay unique and the split stays unambiguous
+    seen: dict[str, int] = {}
+    for item, _ in cases:
+        seen[item["case"]] = seen.get(item["case"], 0) + 1
+    for item, case_dir in cases:
+        if seen[item["case"]] > 1:
+            item["case"] = case_dir
+    return sorted((item for item, _ in cases), key=lambda item: (item["case"], item["image"][0]))
+
+
+def _loaded_from(image: Any, meta: Mapping | None = None) -> Any:
+    """The file name(s) a loaded (Meta)Tensor came from, from its ``meta`` or a ``<key>_meta_dict``."""
+    meta = getattr(image, "meta", None) or meta or {}
+    return meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+
+
+def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str | None:
+    """The id of a case: what its output files, report rows and figure rows are named after.
+
+    ``item`` is a datalist item or a loaded (decollated) one. Its ``item[case_key]`` wins; otherwise the id
+    comes from its image file(s), given as paths or recorded in the loaded image's ``filename_or_obj``:
+
+    * a list of modality files is named as :func:`find_cases` names them (``<case>`` of
+      ``<case>_t1.nii.gz``; the subject folder of a BRATS 2013/2015 ``VSD.Brain...`` file; otherwise the
+      folder holding the first file);
+    * a single (4D) file is named after its file name without its extension.
+
+    ``item`` may also be the image entry itself (a path or a list of paths). Returns ``None`` when there is
+    nothing to name the case after.
+    """
+    if isinstance(item, Mapping):
+        if item.get(case_key) is not None and str(item[case_key]):
+            return str(item[case_key])
+        image = item.get(image_key)
+        files = image if isinstance(image, (str, os.PathLike, list, tuple)) else None
+        files = files or _loaded_from(image, item.get(f"{image_key}_meta_dict"))
+    else:
+        files = item
+    if isinstance(files, (list, tuple)):
+        if not files:
+            raise ValueError("a case has an empty 'image' list: give each case its modality files.")
+        first = Path(str(files[0]))
+        match = NIFTI_PATTERN.match(first.name)
+        if match:
+            return match.group("case")
+        if _MHA_PATTERN.search(first.name) and _MHA_FOLDER_PATTERN.match(first.parent.name):
+            return first.parent.parent.name
+        return first.parent.name
+    if not isinstance(files, (str, os.PathLike)) or not str(files):
+        return None
+    name = os.path.basename(str(files))
+    stem = strip_image_suffix(name)
+    return stem if stem != name else os.path.splitext(name)[0]
