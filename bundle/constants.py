@@ -14,6 +14,16 @@ REGION_PRESETS = {
     "msd": {"whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [2]},
 }
 
+#: Mutually exclusive classes (class name -> label values), background included, for networks with a softmax
+#: over classes (``multiclass``; Moeskops et al. 2017): the BraTS labels as classes. BraTS 2013/2015's
+#: non-enhancing label 3 joins the necrotic core, as BraTS 2017+ merged them. A predicted class is written
+#: back as its first label value.
+CLASS_PRESETS = {
+    "brats": {"background": [0], "necrotic_core": [1, 3], "edema": [2], "enhancing_tumor": [4]},
+    "brats2023": {"background": [0], "necrotic_core": [1], "edema": [2], "enhancing_tumor": [3]},
+    "msd": {"background": [0], "edema": [1], "enhancing_tumor": [2], "necrotic_core": [3]},
+}
+
 #: Label value painted for each region when a region prediction is turned back into a label map
 #: (regions painted in order, so nested regions keep their innermost value).
 REGION_LABEL_PRESETS = {"brats": [2, 1, 4], "brats2023": [2, 1, 3], "msd": [1, 3, 2]}
