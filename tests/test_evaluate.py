@@ -108,7 +108,7 @@ def test_a_perfect_prediction_scores_one_and_zero_distance(tmp_path, spatial_fit
 
     out = tmp_path / "eval"
     _evaluate(
-        [TRAIN, EVALUATE],
+        [INFERENCE, EVALUATE],
         _pass_through_root(tmp_path),
         out,
         dataset_dir=str(data),
@@ -177,7 +177,7 @@ def test_a_known_prediction_gives_hand_computed_scores(tmp_path):
         assert summary["metrics"]["dice"][region]["mean"] == pytest.approx(dice, abs=1e-6)
 
 
-def test_evaluate_overlay_on_the_training_config_scores_the_validation_cases(tmp_path):
+def test_evaluation_scores_the_validation_cases_of_the_training_split(tmp_path):
     data = tmp_path / "demo"
     make_demo_dataset(str(data), num_cases=4, shape=(40, 36, 24), seed=5)
     root = tmp_path / "bundle"
@@ -191,7 +191,7 @@ def test_evaluate_overlay_on_the_training_config_scores_the_validation_cases(tmp
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
 
     out = tmp_path / "eval"
-    _evaluate([TRAIN, EVALUATE], root, out, dataset_dir=str(data), features=[4, 8, 16, 32], overlay_cases=2)
+    _evaluate([INFERENCE, EVALUATE], root, out, dataset_dir=str(data), features=[4, 8, 16, 32], overlay_cases=2)
     rows, summary = _read_report(out)
     validation = [item["case"] for item in build_datalist(str(data))["validation"]]
     assert [row["case"] for row in rows] == validation
