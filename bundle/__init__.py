@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "losses", "metrics",
-    "moeskops", "networks", "reports", "transforms",
+    "lesion_demo", "moeskops", "networks", "reports", "transforms",
 ]
 
 

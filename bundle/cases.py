@@ -1,4 +1,4 @@
-"""Finding BraTS cases on disk, and the one function that names a case (SPEC section 2).
+"""Finding cases on disk, and the one function that names a case (SPEC sections 2 and 3).
 
 Two layouts are recognised anywhere under ``dataset_dir``:
 
@@ -19,6 +19,9 @@ with the images always in :data:`bundle.constants.MODALITIES` order and paths re
 (posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
 folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
 
+2D images with masks (the ISIC 2017 skin-lesion layout of seed 004, or a folder of images beside a folder of
+same-named masks) are found by :func:`find_image_pairs`, one item ``{"image", "label", "case"}`` per image.
+
 :func:`case_id` is what every output file of a case is named after: datalists, saved label maps, report rows
 and figure titles all call it.
 """
@@ -33,7 +36,10 @@ from typing import Any
 
 from .constants import MODALITIES, strip_image_suffix
 
-__all__ = ["GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id"]
+__all__ = [
+    "GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id", "IMAGE_2D_SUFFIXES",
+    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in",
+]
 
 #: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
 GRADES = ("HGG", "LGG")
@@ -214,3 +220,72 @@ def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str 
     name = os.path.basename(str(files))
     stem = strip_image_suffix(name)
     return stem if stem != name else os.path.splitext(name)[0]
+
+
+# --- 2D images with masks: the ISIC 2017 skin-lesion layout (seed 004), or any image folder beside a mask folder ---
+
+#: File extensions of 2D images and masks.
+IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: ISIC 2017 folder name of each datalist section: ``ISIC-2017_<Split>_Data`` and ``ISIC-2017_<Split>_Part1_GroundTruth``.
+ISIC_SPLITS = {"training": "Training", "validation": "Validation", "testing": "Test"}
+# a mask is named like its image, possibly with one of these endings (ISIC: "_segmentation")
+_MASK_ENDINGS = ("_segmentation", "_mask", "_label", "_seg", "")
+# a folder of masks beside a folder of images (generic layout)
+_MASK_FOLDER = re.compile(r"mask|label|groundtruth|ground_truth|segmentation", re.IGNORECASE)
+#: The 2D layouts :func:`find_image_pairs` knows, for error messages.
+LAYOUTS_2D = (
+    "ISIC 2017 (ISIC-2017_{Training,Validation,Test}_Data/ISIC_<id>.jpg with masks in "
+    "ISIC-2017_<split>_Part1_GroundTruth/ISIC_<id>_segmentation.png), or a folder of 2D images beside a folder of "
+    "same-named masks (e.g. images/ and masks/)"
+)
+
+
+def images_in(folder: Path) -> list[Path]:
+    """2D image files directly in ``folder``, sorted; hidden files and ISIC's ``*_superpixels.png`` skipped."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_2D_SUFFIXES
+        and not p.stem.lower().endswith("_superpixels")
+    )
+
+
+def _pair(images: list[Path], mask_folder: Path | None, root: Path, require_label: bool) -> list[dict]:
+    """Datalist items ``{"image", "label", "case"}`` for ``images``, each with its same-named mask when there is one."""
+    masks = {p.stem.lower(): p for p in images_in(mask_folder)} if mask_folder and mask_folder.is_dir() else {}
+    items = []
+    for image in images:
+        mask = next((masks[k] for k in (image.stem.lower() + e for e in _MASK_ENDINGS) if k in masks), None)
+        if mask is None and require_label:
+            continue
+        item = {"image": image.relative_to(root).as_posix(), "case": image.stem}
+        if mask is not None:
+            item["label"] = mask.relative_to(root).as_posix()
+        items.append(item)
+    return items
+
+
+def find_image_pairs(dataset_dir, require_label: bool = True) -> dict[str, list[dict]] | None:
+    """2D images with their masks under ``dataset_dir``, by datalist section, or ``None`` if it holds no 2D layout.
+
+    * ISIC 2017: each of ``ISIC-2017_{Training,Validation,Test}_Data`` present gives the section ``training``,
+      ``validation`` or ``testing``, the masks read from the matching ``..._Part1_GroundTruth`` folder;
+    * otherwise, a folder of masks (its name holds ``mask``, ``label``, ``groundtruth`` or ``segmentation``)
+      beside one folder of images gives one section, ``training``, to be split.
+
+    Items are ``{"image": <file>, "label": <mask>, "case": <image name without extension>}`` with paths
+    relative to ``dataset_dir``; with ``require_label=False`` images without a mask are kept, without ``"label"``.
+    """
+    root = check_dataset_dir(dataset_dir)
+    sections = {}
+    for section, split in ISIC_SPLITS.items():
+        data = root / f"ISIC-2017_{split}_Data"
+        if data.is_dir():
+            sections[section] = _pair(images_in(data), root / f"ISIC-2017_{split}_Part1_GroundTruth", root, require_label)
+    if sections:
+        return sections
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    mask_folders = [p for p in folders if _MASK_FOLDER.search(p.name)]
+    image_folders = [p for p in folders if p not in mask_folders and images_in(p)]
+    if len(mask_folders) == 1 and len(image_folders) == 1:
+        return {"training": _pair(images_in(image_folders[0]), mask_folders[0], root, require_label)}
+    return None

@@ -18,7 +18,10 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cases import GRADES, LAYOUTS_SEARCHED, NIFTI_PATTERN, case_id, check_dataset_dir, find_cases
+from .cases import (
+    GRADES, IMAGE_2D_SUFFIXES, LAYOUTS_2D, LAYOUTS_SEARCHED, NIFTI_PATTERN, case_id, check_dataset_dir, find_cases,
+    find_image_pairs, images_in,
+)
 from .constants import IMAGE_SUFFIXES
 
 __all__ = ["split_cases", "build_datalist", "load_datalist", "inference_datalist", "evaluation_datalist"]
@@ -68,7 +71,22 @@ def split_cases(cases: Sequence[dict], val_fraction: float = 0.1, seed: int = 0)
 
 
 def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
-    """Labelled cases under ``dataset_dir`` as ``{"training": [...], "validation": [...]}`` (:func:`split_cases`)."""
+    """Labelled cases under ``dataset_dir`` as ``{"training": [...], "validation": [...]}`` (:func:`split_cases`).
+
+    2D images with masks (:func:`bundle.cases.find_image_pairs`: ISIC 2017, or an image folder beside a mask
+    folder) come first: ISIC's own validation and test sets are kept (``validation``, ``testing``), and a
+    layout without a validation set has its training images split 9:1. Otherwise BraTS cases are searched.
+    """
+    pairs = find_image_pairs(dataset_dir)
+    if pairs is not None:
+        if not pairs.get("training"):
+            raise FileNotFoundError(
+                f"no training image with a mask under '{dataset_dir}'. Layouts searched: {LAYOUTS_2D}."
+            )
+        out = {k: v for k, v in pairs.items() if v}
+        if "validation" not in out:
+            out["training"], out["validation"] = split_cases(out["training"], val_fraction=val_fraction, seed=seed)
+        return out
     train, val = split_cases(find_cases(dataset_dir, require_label=True), val_fraction=val_fraction, seed=seed)
     return {"training": train, "validation": val}
 
@@ -105,11 +123,12 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
         MONAI's collate cannot batch ``None``.
     """
     if not data_list_file_path:
-        if key not in ("training", "validation"):
+        built = build_datalist(dataset_dir)
+        if key not in built:
             raise ValueError(
-                f"key '{key}' cannot be built from dataset_dir (only 'training' and 'validation'); {_HOW_TO_PREPARE}"
+                f"key '{key}' cannot be built from dataset_dir (only {', '.join(map(repr, built))}); {_HOW_TO_PREPARE}"
             )
-        items = build_datalist(dataset_dir)[key]
+        items = built[key]
         base = check_dataset_dir(dataset_dir)
         source = f"datalist built from '{dataset_dir}'"
     else:
@@ -202,10 +221,12 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
     * ``data_list_file_path``, when given: section ``key`` of a Decathlon-style datalist (see
       :func:`load_datalist`; relative paths resolved against ``dataset_dir``, or the file's folder);
     * ``dataset_dir`` as a single image file: one case, a 4D multi-modality file (channels last, e.g. MSD
-      Task01's ``BRATS_001.nii.gz`` or what MONAI Label sends);
+      Task01's ``BRATS_001.nii.gz`` or what MONAI Label sends) or a 2D image;
     * ``dataset_dir`` as a folder of BraTS cases in a layout :func:`bundle.cases.find_cases` knows (labels
       not needed);
-    * ``dataset_dir`` as a folder of 4D ``.nii``/``.nii.gz`` files, one case per file.
+    * ``dataset_dir`` as a folder in a 2D layout (:func:`bundle.cases.find_image_pairs`): its section ``key``
+      (ISIC 2017's ``testing`` by default), masks not needed;
+    * ``dataset_dir`` as a folder of 4D ``.nii``/``.nii.gz`` files, or else of 2D images, one case per file.
 
     Each item's ``"case"`` (from the datalist, :func:`bundle.cases.find_cases`, or :func:`bundle.cases.case_id`)
     names its output file, so case ids must be unique.
@@ -226,7 +247,7 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
             "cases or of 4D images, or give a datalist with --data_list_file_path."
         )
     if root.is_file():
-        if not root.name.lower().endswith(IMAGE_SUFFIXES):
+        if not root.name.lower().endswith(IMAGE_SUFFIXES + IMAGE_2D_SUFFIXES):
             raise ValueError(
                 f"'{dataset_dir}' is not an image file ({', '.join(IMAGE_SUFFIXES)}): point --dataset_dir at a "
                 "4D multi-modality image, a folder of cases, or give a datalist with --data_list_file_path."
@@ -234,6 +255,15 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
         path = os.path.abspath(root)
         return [{"image": path, "case": case_id(path)}]
     root = check_dataset_dir(dataset_dir)
+    pairs = find_image_pairs(root, require_label=False)
+    if pairs is not None:
+        if key not in pairs:
+            raise ValueError(
+                f"'{dataset_dir}' holds 2D sections {', '.join(map(repr, pairs))} but not '{key}': set --data_list_key, "
+                "or point --dataset_dir at a folder of images."
+            )
+        items = [{"image": str(root.resolve() / item["image"]), "case": item["case"]} for item in pairs[key]]
+        return _with_case_ids(items, f"'{key}' images under '{dataset_dir}'")
     try:
         cases = find_cases(root, require_label=False)
     except FileNotFoundError:
@@ -243,15 +273,15 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
             {"image": [str(root.resolve() / p) for p in item["image"]], "case": item["case"]} for item in cases
         ]
         return _with_case_ids(items, f"cases found under '{dataset_dir}'")
-    files = _single_files(root)
+    files = _single_files(root) or images_in(root)
     if not files:
         raise FileNotFoundError(
-            f"no case found in '{dataset_dir}'. Searched: {LAYOUTS_SEARCHED} (recursively), and 4D multi-modality "
-            "*.nii.gz / *.nii files (directly in the folder). Point --dataset_dir at one of those, or give a "
+            f"no case found in '{dataset_dir}'. Searched: {LAYOUTS_SEARCHED} (recursively), {LAYOUTS_2D}, 4D "
+            "multi-modality *.nii.gz / *.nii files and 2D images (directly in the folder). Point --dataset_dir at one of those, or give a "
             "datalist with --data_list_file_path."
         )
     items = [{"image": str(f.resolve()), "case": case_id(f)} for f in files]
-    return _with_case_ids(items, f"4D image files in '{dataset_dir}'")
+    return _with_case_ids(items, f"image files in '{dataset_dir}'")
 
 
 def evaluation_datalist(data_list_file_path, dataset_dir, key: str = "validation") -> list[dict]:
