@@ -72,3 +72,35 @@ def test_lesion_demo_is_written_in_the_isic_layout(tmp_path):
     assert set(np.unique(mask)) == {0, 255} and 0.02 < (mask > 0).mean() < 0.5
     # the lesion is darker than the skin around it
     assert image[mask > 0].mean() < image[mask == 0].mean() - 20
+
+
+def test_2d_rgb_training_writes_a_model_and_png_masks_at_each_images_size(tmp_path):
+    from monai.bundle.scripts import run
+
+    from helpers import ROOT
+
+    data = make_lesion_dataset(tmp_path / "data", num_images=(4, 1, 2), seed=1)
+    configs = lambda *names: [str(ROOT / "configs" / f"{n}.json") for n in names]  # noqa: E731
+    tiny = {"features": [4, 8, 16, 32], "image_size": [32, 32], "num_workers": 0}
+    run(
+        "training",
+        config_file=configs("train", "adam", "isic"),
+        bundle_root=str(tmp_path),
+        dataset_dir=data,
+        critic_features=[4, 8, 16],
+        batch_size=4,
+        max_epochs=1,
+        val_interval=1,
+        **tiny,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+    out = tmp_path / "masks"
+    run(config_file=configs("inference", "isic_inference"), bundle_root=str(tmp_path), dataset_dir=data,
+        output_dir=str(out), progress=False, **tiny)
+    test_images = sorted((tmp_path / "data" / "ISIC-2017_Test_Data").iterdir())
+    assert sorted(os.listdir(out)) == [f"{p.stem}_segmentation.png" for p in test_images]
+    for image in test_images:
+        mask = Image.open(out / f"{image.stem}_segmentation.png")
+        assert mask.size == Image.open(image).size and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
