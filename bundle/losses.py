@@ -1,13 +1,14 @@
-"""The multi-scale L1 loss of SegAN (Xue et al. 2018, equations 2 and 3)."""
+"""The multi-scale L1 loss of SegAN (Xue et al. 2018, equations 2 and 3), and the U-net baseline's pixel-wise loss."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["MultiScaleL1Loss"]
+__all__ = ["MultiScaleL1Loss", "RegionBCEDiceLoss"]
 
 #: Which critic layers the loss compares: the paper's multi-scale loss and its single-scale ablations
 #: S3-3C-s0 (the masked input only) and S3-3C-s3 (the last critic layer only), section 3.1.
@@ -56,3 +57,27 @@ class MultiScaleL1Loss(nn.Module):
         if len(pred_feats) != len(true_feats) or not pred_feats:
             raise ValueError(f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}.")
         return torch.stack([self.single(f, g) for f, g in zip(pred_feats, true_feats)]).mean()
+
+
+class RegionBCEDiceLoss(nn.Module):
+    """The pixel-wise loss of the U-net baseline (paper Table 1): the same segmentor without any critic.
+
+    The paper's baseline uses softmax cross-entropy over exclusive classes; the bundle's regions overlap
+    (whole tumour contains core contains enhancing), so each region map gets its own binary cross-entropy
+    on the logits, averaged over regions and pixels. ``dice_weight`` adds a soft Dice term on the
+    sigmoid probabilities, as the adversarial trainer's ``dice_weight`` does (0 = cross-entropy only).
+    """
+
+    def __init__(self, dice_weight: float = 0.0) -> None:
+        super().__init__()
+        if dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight}.")
+        self.dice_weight = float(dice_weight)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.bce(logits.float(), target.float())
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self.dice(logits.float(), target.float())
+        return loss

@@ -13,7 +13,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "mask_image"]
+__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image"]
 
 _LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
@@ -186,3 +186,33 @@ class SegANCritics(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.clamp_(-clip, clip)
+
+
+class RegionSegmentors(nn.Module):
+    """S1-1C of the paper (section 3.1): one single-map SegAN segmentor per region, side by side.
+
+    Region ``r``'s map comes from its own ``SegANSegmentor`` with one output channel, which shares no
+    parameter (BatchNorm statistics included) with the others; the maps are concatenated on channels so the
+    module is a drop-in ``network_def`` (B, R, H, W logits). With ``SegANCritics(mode="per_region")`` each
+    segmentor has its own critic and the averaged multi-scale loss reaches segmentor ``r`` only through
+    critic ``r``: training them in one run is training R independent SegANs on the same batches.
+
+    Args: as ``SegANSegmentor``; ``out_channels`` is the number of regions (one segmentor each).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        features: Sequence[int] = (64, 128, 256, 512),
+        upsample: str = "bilinear",
+        skip: str = "cat",
+    ) -> None:
+        super().__init__()
+        self.segmentors = nn.ModuleList(
+            SegANSegmentor(spatial_dims, in_channels, 1, features, upsample, skip) for _ in range(out_channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([segmentor(x) for segmentor in self.segmentors], dim=1)

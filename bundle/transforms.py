@@ -22,7 +22,7 @@ from .cases import case_id
 from .constants import MODALITIES, MSD_MODALITIES
 from .files import atomic_path
 
-__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "source_name"]
+__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "ContextSlicesd", "source_name"]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -280,4 +280,47 @@ class SaveCaseImaged(SaveImaged):
                     _restore_spatial_units(tmp, source_file(d[key], meta_data))
             if self.print_log:
                 self.logger.info(f"saved {path}")
+        return d
+
+
+def context_slice_indices(depth: int, context_slices: int) -> torch.Tensor:
+    """(2k+1, depth) slice indices: row ``j`` holds, for every axial slice ``z``, slice ``z + j - k`` clamped
+    to ``[0, depth - 1]`` (beyond the first or last slice the edge slice is repeated)."""
+    offsets = torch.arange(-context_slices, context_slices + 1).unsqueeze(1)
+    return (torch.arange(depth).unsqueeze(0) + offsets).clamp_(0, depth - 1)
+
+
+class ContextSlicesd(MapTransform):
+    """2.5D input: give every axial slice its ``k`` neighbours on each side as extra channels (beyond the paper).
+
+    A channel-first volume (C, H, W, D) becomes (C * (2k+1), H, W, D): channel block ``j`` (of C channels,
+    the modalities in order) holds slice ``z + j - k`` at depth ``z``, so block ``k`` is the volume itself
+    and a 2D network that reads one axial slice of the result sees 2k+1 neighbouring slices of every
+    modality. Beyond the volume's first and last slice the edge slice is repeated. Applied to the
+    preprocessed volume before slices are drawn in training and before the sliding-slice inferer runs,
+    it gives both the same neighbours. ``context_slices=0`` returns the input unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, context_slices: int = 0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(context_slices) < 0:
+            raise ValueError(f"context_slices must be >= 0 (neighbours on each side), got {context_slices}.")
+        self.context_slices = int(context_slices)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if not self.context_slices:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.ndim != 4:
+                raise ValueError(
+                    f"{source_name(d, key)}: context_slices needs a channel-first 3D volume (C, H, W, D), "
+                    f"got shape {tuple(image.shape)}."
+                )
+            index = context_slice_indices(image.shape[-1], self.context_slices).to(image.device)
+            stacked = torch.cat([image[..., row] for row in index], dim=0)
+            if isinstance(image, MetaTensor):
+                stacked = MetaTensor(stacked.as_tensor(), meta=image.meta, applied_operations=image.applied_operations)
+            d[key] = stacked
         return d
