@@ -129,9 +129,23 @@ def test_paper_pipeline_trains_from_a_brats2015_mha_folder(tmp_path):
     data = tmp_path / "BRATS2015_Training"
     _write_brats2015(data)
     _train(tmp_path, str(data), max_epochs=1)
-    assert (tmp_path / "models" / "model.pt").is_file()
+    # the MetaImage cases load as 3 channels and 3 nested regions (label 3 joins whole tumour and core)
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, "dataset_dir": str(data)})
+    case = parser.get_parsed_content("validate#dataset")[0]
+    assert case["image"].shape[0] == 3 and case["label"].shape[0] == 3
+    whole, core, enhancing = case["label"].bool()
+    assert enhancing.any() and bool((enhancing <= core).all()) and bool((core <= whole).all())
+    # one of the three HGG subjects is held out (the 9:1 split keeps at least one), scored per region
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
-    assert history["history"][0]["epoch"] == 1
+    assert len(parser.get_parsed_content("val_datalist")) == 1
+    entry = history["history"][0]
+    assert entry["epoch"] == 1
+    for region in ("whole_tumor", "tumor_core", "enhancing_tumor"):
+        assert 0.0 <= entry[f"val_dice_{region}"] <= 1.0
+    weights = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
+    parser.get_parsed_content("network_def").load_state_dict(weights)
 
 
 def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
@@ -156,5 +170,14 @@ def test_same_seed_gives_the_same_segmentor(tmp_path, demo_dir):
 
 def test_slices_smaller_than_the_patch_are_padded_up_to_it(tmp_path, demo_dir):
     # the demo cases are 40x40 in plane; a 48x48 patch needs padding, not a shape error in the network
-    _train(tmp_path, demo_dir, crop_size=[48, 48, 12], patch_size=[48, 48], max_epochs=1)
-    assert (tmp_path / "models" / "model.pt").is_file()
+    small = {"crop_size": [48, 48, 12], "patch_size": [48, 48]}
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({**TINY, **small, "dataset_dir": demo_dir})
+    for sample in parser.get_parsed_content("train#dataset")[0]:
+        assert tuple(sample["image"].shape) == (3, 48, 48) and tuple(sample["label"].shape) == (3, 48, 48)
+        # the 40 voxels of the case sit in the middle, 4 voxels of zero padding on each side
+        assert not sample["image"][:, :4].any() and not sample["image"][:, -4:].any()
+    _train(tmp_path, demo_dir, max_epochs=1, **small)
+    history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
+    assert 0.0 <= history["best"]["val_mean_dice"] <= 1.0

@@ -20,12 +20,12 @@ def _batch(seed=0):
     return {"image": image, "label": label}
 
 
-def _trainer(seg_lr=1e-3, critic_lr=1e-3, clip=0.05, epochs=1, iterations=1, **kwargs):
+def _trainer(seg_lr=1e-3, critic_lr=1e-3, clip=0.05, epochs=1, iterations=1, device="cpu", **kwargs):
     torch.manual_seed(0)
-    seg = SegANSegmentor(in_channels=2, out_channels=2, features=FEATURES)
-    critic = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16))
+    seg = SegANSegmentor(in_channels=2, out_channels=2, features=FEATURES).to(device)
+    critic = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16)).to(device)
     trainer = SegANTrainer(
-        device="cpu",
+        device=device,
         max_epochs=epochs,
         train_data_loader=[_batch()] * iterations,
         network=seg,
@@ -120,8 +120,28 @@ def test_invalid_settings_are_rejected():
         _trainer(critic_steps=0)
 
 
-def test_amp_path_runs_and_keeps_losses_finite():
-    # on a CPU-only machine autocast("cuda") and the GradScaler disable themselves; the branch still runs
-    trainer = _trainer(amp=True, iterations=2)
+def test_amp_on_a_cpu_takes_the_scaler_path_and_matches_full_precision():
+    # What this covers on a CPU: with amp=True the trainer holds a gradient scaler and every update goes through
+    # scaler.scale / step / update; autocast("cuda") and the scaler disable themselves without a GPU, so the
+    # result must equal the full-precision run exactly. What AMP changes on a GPU is checked by the next test.
+    runs = {}
+    for amp in (False, True):
+        trainer = _trainer(amp=amp, iterations=2)
+        trainer.run()
+        runs[amp] = trainer
+    assert runs[False].scaler is None and runs[True].scaler is not None
+    assert torch.equal(runs[True].state.output["loss"], runs[False].state.output["loss"])
+    for a, b in zip(runs[True].network.parameters(), runs[False].network.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast to float16 needs a CUDA device")
+def test_amp_runs_the_segmentor_and_critic_in_half_precision_on_a_gpu():
+    trainer = _trainer(amp=True, device=torch.device("cuda"))
+    dtypes = {}
+    for name, net in (("segmentor", trainer.network), ("critic", trainer.critic)):
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, out, name=name: dtypes.setdefault(name, out.dtype))
     trainer.run()
+    assert dtypes == {"segmentor": torch.float16, "critic": torch.float16}
     assert torch.isfinite(trainer.state.output["loss"]) and torch.isfinite(trainer.state.output[CRITIC_LOSS])

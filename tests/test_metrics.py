@@ -18,7 +18,6 @@ from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, MeanIoUHandler, from_engine
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.transforms import AsDiscreted
 
 from bundle.figures import OverlayFigure
@@ -54,49 +53,6 @@ def test_count_components_in_2d_and_rejects_other_shapes():
     assert count_components(square, connectivity=1) == 2
     with pytest.raises(ValueError, match="2D or 3D"):
         count_components(np.zeros((1, 4, 4, 4)))
-
-
-def _paper_metrics():
-    return {
-        "dice": DiceMetric(include_background=True, reduction="none"),
-        "precision": ConfusionMatrixMetric(include_background=True, metric_name="precision", reduction="none"),
-        "sensitivity": ConfusionMatrixMetric(include_background=True, metric_name="sensitivity", reduction="none"),
-        "iou": MeanIoU(include_background=True, reduction="none"),
-        "hd95": HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none"),
-    }
-
-
-def _evaluate(pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
-    results = {}
-    for name, metric in _paper_metrics().items():
-        metric(y_pred=pred, y=label)
-        value = metric.aggregate()
-        results[name] = (value[0] if isinstance(value, list) else value).squeeze()
-    return results
-
-
-def test_perfect_prediction_scores_one_and_zero_distance():
-    label = torch.zeros(1, 3, 8, 8, 4)
-    label[0, 0, 2:6, 2:6, 1:3] = 1
-    label[0, 1, 3:5, 3:5, 1:3] = 1
-    label[0, 2, 3, 3, 1:3] = 1
-    results = _evaluate(label.clone(), label)
-    for name in ("dice", "precision", "sensitivity", "iou"):
-        assert torch.allclose(results[name], torch.ones(3)), name
-    assert torch.allclose(results["hd95"], torch.zeros(3))
-
-
-def test_known_overlap_gives_hand_computed_scores():
-    # a strip along one axis: ground truth 4 voxels, prediction 6 voxels, 3 of them shared
-    label = torch.zeros(1, 1, 3, 3, 10)
-    pred = torch.zeros(1, 1, 3, 3, 10)
-    label[0, 0, 1, 1, 2:6] = 1  # voxels 2, 3, 4, 5
-    pred[0, 0, 1, 1, 3:9] = 1  # voxels 3..8: TP 3, FP 3, FN 1
-    results = _evaluate(pred, label)
-    assert results["dice"].item() == pytest.approx(2 * 3 / (4 + 6))
-    assert results["precision"].item() == pytest.approx(3 / 6)
-    assert results["sensitivity"].item() == pytest.approx(3 / 4)
-    assert results["iou"].item() == pytest.approx(3 / 7)
 
 
 def test_component_count_metric_per_case_and_region():
@@ -235,11 +191,27 @@ def test_report_is_nan_safe_and_names_cases_by_key(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["metrics_per_case.csv", "s.json"]
 
 
+def _figure_colours(tmp_path, region_names, **kwargs) -> set[tuple[int, int, int]]:
+    """The RGB colours that fill large areas (not only the legend) of the overlay figure of one case whose
+    nested regions are all predicted, painted opaque."""
+    regions = torch.zeros(len(region_names), 24, 24, 3)
+    for r in range(len(region_names)):  # nested squares, outer region first
+        regions[r, 2 + 3 * r : 22 - 3 * r, 2 + 3 * r : 22 - 3 * r] = 1
+    engine = Engine(lambda e, batch: [{"image": torch.zeros(1, 24, 24, 3), "label": regions, "pred": regions}])
+    OverlayFigure(tmp_path, region_names, alpha=1.0, **kwargs).attach(engine)
+    engine.run([{"case": ["c"]}], max_epochs=1)
+    from matplotlib.image import imread
+
+    rgb = np.round(imread(tmp_path / "overlay.png")[..., :3] * 255).astype(int).reshape(-1, 3)
+    colours, counts = np.unique(rgb, axis=0, return_counts=True)
+    return {tuple(c) for c, n in zip(colours.tolist(), counts) if n > 1000}
+
+
 def test_overlay_colors_follow_segan_fig3_and_can_be_overridden(tmp_path):
-    default = OverlayFigure(tmp_path, REGIONS)
-    assert default._region_colors() == [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)]
-    custom = OverlayFigure(tmp_path, ["lesion"], colors=["#00ff00"])
-    assert custom._region_colors() == [(0.0, 1.0, 0.0)]
+    colours = _figure_colours(tmp_path / "fig3", REGIONS)
+    assert {(255, 255, 0), (0, 0, 255), (255, 0, 0)} <= colours  # whole tumour yellow, core blue, enhancing red
+    custom = _figure_colours(tmp_path / "custom", ["lesion"], colors=["#00ff00"])
+    assert (0, 255, 0) in custom and (255, 255, 0) not in custom
     with pytest.raises(ValueError, match="colours"):
         OverlayFigure(tmp_path, REGIONS, colors=["red"])
 
