@@ -3,7 +3,7 @@
 Everything MONAI and ignite already provide is wired in ``configs/``; this package holds only what the
 method needs on top, one module per concept: ``networks`` (segmentor, critics), ``losses`` (multi-scale L1),
 ``engines`` (the adversarial trainers), ``transforms``, ``cases`` (finding cases on disk, naming them),
-``datalist`` (split and load), ``demo`` (synthetic data), ``metrics``, ``reports`` and ``figures``
+``datalist`` (split and load), ``demo`` (synthetic data), ``inferers`` (slice inference over foreground crops), ``metrics``, ``reports`` and ``figures``
 (evaluation outputs), ``checkpoints`` (finding weights and training states), ``constants`` and ``files``;
 ``moeskops`` holds the networks of Moeskops et al. 2017, the other adversarial system of the source papers.
 
@@ -19,8 +19,8 @@ import importlib
 __version__ = "0.1.0"
 
 __all__ = [
-    "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "losses", "metrics",
-    "lesion_demo", "moeskops", "networks", "reports", "transforms",
+    "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "inferers", "losses",
+    "metrics", "lesion_demo", "moeskops", "networks", "reports", "transforms",
 ]
 
 

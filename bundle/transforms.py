@@ -1,5 +1,6 @@
 """Dictionary transforms the SegAN pipeline needs on top of MONAI's: modality selection, label <-> regions,
-and saving one prediction per case under a predictable name.
+cropping inference input to the foreground on the network's grid, and saving one prediction per case under a
+predictable name.
 
 Everything else in the pipelines (loading, cropping, normalisation, slice sampling, inversion) is a MONAI
 transform wired in the configs.
@@ -16,13 +17,16 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, SaveImaged
+from monai.transforms import CropForeground, CropForegroundd, MapTransform, SaveImaged
 
 from .cases import case_id
 from .constants import MODALITIES, MSD_MODALITIES
 from .files import atomic_path
 
-__all__ = ["SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "SaveCaseImaged", "ContextSlicesd", "source_name"]
+__all__ = [
+    "SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "CropForegroundToGridd", "SaveCaseImaged", "ContextSlicesd",
+    "source_name",
+]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -174,6 +178,62 @@ class RegionsToLabeld(MapTransform):
                 maps, MetaTensor
             ) else out
         return d
+
+
+def any_nonzero(image: torch.Tensor) -> torch.Tensor:
+    """Foreground of a normalised skull-stripped image: voxels where any channel is nonzero (background is 0)."""
+    return (image != 0).any(0, keepdim=True)
+
+
+class _GridCropForeground(CropForeground):
+    """``CropForeground`` whose box (foreground bounding box plus margin) is widened outwards to a grid."""
+
+    def __init__(self, grid: Sequence[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.grid = np.asarray(grid)
+
+    def compute_bounding_box(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        start, end = super().compute_bounding_box(img)  # margin added and clipped to the image (allow_smaller)
+        if (end <= start).any():  # no foreground: an empty box, nothing to compute
+            return np.zeros_like(start), np.zeros_like(end)
+        size = np.asarray(img.shape[1:])
+        start = np.floor_divide(start, self.grid) * self.grid
+        end = np.minimum(-np.floor_divide(-end, self.grid) * self.grid, size)
+        return start, end
+
+
+class CropForegroundToGridd(CropForegroundd):
+    """Crop inference input to its foreground (the brain) plus a margin, on the 2D network's grid.
+
+    Most of a BraTS frame is air: convolving it is wasted work. This crops every key to the bounding box of the
+    voxels where ``select_fn`` holds (by default: any channel nonzero, the background of a normalised
+    skull-stripped image) in ``source_key``, widened by ``margin`` and then outwards to multiples of ``grid``.
+    With a spatial ``grid`` of ``2 ** levels`` on an input already padded to that multiple, the cropped box
+    starts on the network's down-sampling grid, so every output voxel whose receptive field lies inside the
+    box is computed exactly as in the full frame. Along the slice axis (grid 1, margin 0) the crop drops the
+    slices with no foreground, which a 2D network never needed. A case with no foreground becomes an empty
+    image (see ``bundle.inferers.ForegroundSliceInferer``). ``Invertd`` pads the result back into the frame.
+
+    Args:
+        keys: keys to crop.
+        source_key: the image whose foreground defines the box.
+        grid: per spatial axis, the multiple the box is aligned to and sized in, e.g. ``[16, 16, 1]``.
+        margin: voxels added on each side of the foreground box per axis before aligning, e.g. ``[16, 16, 0]``.
+        select_fn: foreground of the source image (a channel-first array -> a boolean mask).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        source_key: str,
+        grid: Sequence[int] | int,
+        margin: Sequence[int] | int = 0,
+        select_fn=any_nonzero,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, source_key, select_fn=select_fn, margin=margin, allow_missing_keys=allow_missing_keys)
+        # the box never leaves the image (allow_smaller), so nothing is padded
+        self.cropper = _GridCropForeground(grid=grid, select_fn=select_fn, margin=margin, allow_smaller=True)
 
 
 def source_file(image, meta_data: Mapping | None = None) -> str | None:

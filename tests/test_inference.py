@@ -118,7 +118,7 @@ def _reference(demo_dir, case, spatial_fit, weights):
 @pytest.mark.parametrize("spatial_fit", ["pad", "crop"])
 def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_root, spatial_fit):
     out = tmp_path / "out"
-    _infer(bundle_root, demo_dir, out, spatial_fit=spatial_fit, **CROP)
+    _infer(bundle_root, demo_dir, out, spatial_fit=spatial_fit, crop_foreground=False, **CROP)
     assert sorted(os.listdir(out)) == ["Demo_000_seg.nii.gz", "Demo_001_seg.nii.gz"]
     for case in ("Demo_000", "Demo_001"):
         saved = nib.load(str(out / f"{case}_seg.nii.gz"))
@@ -143,12 +143,57 @@ def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_r
 def test_threshold_key_and_crop_box(tmp_path, demo_dir, bundle_root):
     # every sigmoid output is >= 0: each region fills exactly the processed crop, so the label is 4 there
     out = tmp_path / "out"
-    _infer(bundle_root, demo_dir, out, spatial_fit="crop", threshold=0.0, **CROP)
+    _infer(bundle_root, demo_dir, out, spatial_fit="crop", threshold=0.0, crop_foreground=False, **CROP)
     label = np.asarray(nib.load(str(out / "Demo_000_seg.nii.gz")).dataobj)
     expected = np.zeros(SHAPE, np.uint8)
     # first crop 40x37x24 -> 31x29x15 starts at (5, 4, 5); second 31x29 -> 24x21 at (3, 4): (8, 8, 5) in all
     expected[8:32, 8:29, 5:20] = 4
     np.testing.assert_array_equal(label, expected)
+
+
+# A 4-level segmentor's output at a voxel depends on the input up to 55 voxels away (measured by gradients):
+# with a margin at least that wide, the foreground crop changes nothing inside the head.
+RECEPTIVE_RADIUS = 64
+
+
+def _in_air(demo_dir, case, folder, frame=(200, 180, 32), offset=(120, 20, 5), blank=False):
+    """``case`` placed in a larger frame of air (zeros), as a BraTS brain sits in its 240x240x155 frame."""
+    inner = tuple(slice(o, o + s) for o, s in zip(offset, SHAPE))
+    (folder / case).mkdir(parents=True)
+    for path in _case_files(demo_dir, case):
+        image = nib.load(str(path))
+        volume = np.zeros(frame, np.float32)
+        if not blank:
+            volume[inner] = image.get_fdata(dtype=np.float32)
+        nib.save(nib.Nifti1Image(volume, image.affine), str(folder / case / path.name))
+    return folder
+
+
+def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background_outside(tmp_path, demo_dir, bundle_root):
+    data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
+    _infer(bundle_root, data, tmp_path / "full", crop_foreground=False)
+    _infer(bundle_root, data, tmp_path / "cropped", foreground_margin=RECEPTIVE_RADIUS)
+    full = np.asarray(nib.load(str(tmp_path / "full" / "Demo_000_seg.nii.gz")).dataobj)
+    cropped = np.asarray(nib.load(str(tmp_path / "cropped" / "Demo_000_seg.nii.gz")).dataobj)
+    head = nib.load(str(data / "Demo_000" / "Demo_000_t1.nii.gz")).get_fdata() != 0
+    assert cropped.shape == full.shape == head.shape
+    assert len(np.unique(full[head])) > 1 and full[~head].any()  # the full frame labels some air too
+    np.testing.assert_array_equal(cropped[head], full[head])
+    # nothing computed outside the head's slices, nor in plane beyond its box plus the margin and the 16-voxel grid
+    box = np.zeros(head.shape, bool)
+    (h0, w0, d0), (h1, w1, d1) = np.argwhere(head).min(0), np.argwhere(head).max(0) + 1
+    reach = RECEPTIVE_RADIUS + 16
+    box[max(h0 - reach, 0) : h1 + reach, max(w0 - reach, 0) : w1 + reach, d0:d1] = True
+    assert box[:, :, d0].sum() < 0.7 * box[:, :, d0].size  # this test's frame has air beyond the reach
+    assert not cropped[~box].any()
+
+
+def test_a_case_with_no_foreground_gives_an_all_background_map(tmp_path, demo_dir, bundle_root):
+    data = _in_air(demo_dir, "Demo_000", tmp_path / "blank", frame=(48, 40, 6), offset=(0, 0, 0), blank=True)
+    _infer(bundle_root, data, tmp_path / "out")
+    saved = nib.load(str(tmp_path / "out" / "Demo_000_seg.nii.gz"))
+    assert saved.shape == (48, 40, 6) and saved.get_data_dtype() == np.uint8
+    assert not np.asarray(saved.dataobj).any()
 
 
 def test_region_output_format_holds_the_painted_regions(tmp_path, demo_dir, bundle_root):
