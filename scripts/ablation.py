@@ -106,6 +106,10 @@ register(Row("S3-1C", (_variant("s3_1c"),), description="3 maps, one joint criti
 register(Row("S3-3C-s0", (_variant("s3_3c_s0"),), description="loss on the masked input only (layer 0)"))
 register(Row("S3-3C-s3", (_variant("s3_3c_s3"),), description="loss on the last critic layer only"))
 register(Row("S3-3C + Dice", (_variant("s3_3c"),), {"dice_weight": 1.0}, "adversarial + soft Dice term"))
+register(Row(
+    "S3-3C + 2.5D", (_variant("s3_3c"), _variant("context_2_5d")),
+    description="S3-3C fed slices z-1, z, z+1 of every modality (beyond the paper)",
+))
 register(Row("U-net", (_variant("unet"),), description="same segmentor, per-region cross-entropy only", eval_overlays=()))
 
 
@@ -152,7 +156,7 @@ SUITES["demo"] = Suite(
     configs=("configs/train.json", "configs/demo.json", _variant("ablation_demo")),
     eval_configs=("configs/inference.json", "configs/demo.json", _variant("ablation_demo")),
     prepare=prepare_demo,
-    rows=("S1-1C", "S3-1C", "S3-3C", "S3-3C-s0", "S3-3C-s3", "S3-3C + Dice", "U-net"),
+    rows=("S1-1C", "S3-1C", "S3-3C", "S3-3C-s0", "S3-3C-s3", "S3-3C + Dice", "S3-3C + 2.5D", "U-net"),
     description="hard synthetic BraTS-like demo (bundle.demo, difficulty 1), 16 training / 8 test cases",
 )
 

@@ -15,7 +15,8 @@ from helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
-VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s3", "unet")
+VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s3", "unet", "context_2_5d")
+INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 
 
 def _overlay(name):
@@ -41,6 +42,7 @@ def _critic_inputs(critics: SegANCritics) -> list[int]:
         ("s3_3c_s3", [3, 3, 3]),
         ("s1_1c", [3, 3, 3]),
         ("s3_1c", [9]),  # one critic on the 3 masked images concatenated
+        ("context_2_5d", [9, 9, 9]),  # 2.5D: every modality at slices z-1, z, z+1
     ],
 )
 def test_critic_input_channels_per_variant(overlay, inputs):
@@ -137,3 +139,35 @@ def test_context_slices_stack_every_modalitys_neighbours_as_channels():
             expected = 100 * m + (z + offset).clamp(0, depth - 1)  # beyond the ends: the edge slice again
             torch.testing.assert_close(out[j * 2 + m, 0, 0], expected)
     assert ContextSlicesd("image", context_slices=0)({"image": volume})["image"] is volume
+
+
+def test_2_5d_segmentor_takes_every_modality_at_2k_plus_1_slices():
+    for k in (1, 2):
+        net = _parser("context_2_5d", context_slices=k).get_parsed_content("network_def")
+        assert net.encoder[0].conv.in_channels == 3 * (2 * k + 1)
+
+
+def test_2_5d_inference_feeds_the_neighbours_training_fed(demo_dir):
+    """The volume training cuts its slices from, context channels included, is the one inference slides over."""
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+    from bundle.datalist import load_datalist
+
+    case = load_datalist("", demo_dir, "training")[0]
+    settings = {**TINY, "context_slices": 1, "dataset_dir": demo_dir, "slices_per_volume": 6}
+    train = _parser("context_2_5d", **settings)
+    parser = ConfigParser()
+    parser.read_config([INFERENCE, _overlay("context_2_5d")])
+    parser.update({**settings, "spatial_fit": "crop"})  # the same field of view, so the same normalisation
+    volume = parser.get_parsed_content("preprocessing")({"image": case["image"]})["image"].as_tensor()
+    assert volume.shape == (9, 32, 32, TINY["crop_size"][-1])  # the depth crop keeps 12 of the 24 slices
+
+    # every slice, the crop's first and last included: their outer neighbours are real slices in both
+    cached = Compose(train.get_parsed_content("load_transforms"))(case)["image"].as_tensor()
+    torch.testing.assert_close(cached, volume, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(volume[0:3, ..., 0], volume[3:6, ..., 0])  # not the edge slice repeated
+    for sample in Dataset([case], train.get_parsed_content("train#preprocessing"))[0]:
+        image = sample["image"]
+        assert image.shape == (9, 32, 32)
+        assert any(torch.allclose(image, volume[..., z], atol=1e-5) for z in range(volume.shape[-1]))
