@@ -3,7 +3,7 @@
     python scripts/make_demo_data.py --output_dir data/demo --num_cases 16 --shape "[96,96,64]" --seed 0
 
 ``--difficulty`` (0 = the default demo, 1 = hard: more noise and bias, fainter and smaller tumours, noisy label
-borders; ``bundle.demo.DIFFICULTY_RANGE``) makes a dataset on which methods no longer all saturate.
+borders; ``bundle.phantom.DIFFICULTY_RANGE``) makes a dataset on which methods no longer all saturate.
 
 An existing demo dataset made with the same parameters is kept; pass ``--overwrite`` to regenerate it.
 """

@@ -108,7 +108,7 @@ def _write_brats2015(root, num_subjects=3):
     import itk
     import numpy as np
 
-    from bundle.demo import make_demo_case
+    from bundle.phantom import make_demo_case
 
     names = {"t1": "MR_T1", "t1c": "MR_T1c", "t2": "MR_T2", "flair": "MR_Flair"}
     for i in range(num_subjects):

@@ -11,7 +11,8 @@ from scipy.ndimage import binary_dilation
 
 import bundle.demo as demo
 from bundle.cases import find_cases
-from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_case, make_demo_dataset
+from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_dataset
+from bundle.phantom import border_label_noise, make_demo_case
 from helpers import load_script
 
 SHAPE = (48, 48, 24)
@@ -154,7 +155,7 @@ def test_border_label_noise_changes_only_border_voxels():
     label = np.zeros((12, 12, 12), np.uint8)
     label[3:9, 3:9, 3:9] = 2
     label[5:7, 5:7, 5:7] = 4
-    noisy = demo._border_label_noise(label, 1.0, np.random.default_rng(0))
+    noisy = border_label_noise(label, 1.0, np.random.default_rng(0))
     changed = noisy != label
     # a border voxel has a 6-neighbour with another label
     border = np.zeros_like(changed)
