@@ -2,12 +2,12 @@
 
 Everything MONAI and ignite already provide is wired in ``configs/``; this package holds only what the
 method needs on top, one module per concept: ``networks`` (segmentor, critics), ``losses`` (multi-scale L1),
-``engines`` (the adversarial trainers), ``transforms``, ``cases`` (finding cases on disk, naming them),
-``datalist`` (split and load), ``phantom`` and ``demo`` (synthetic cases, the demo dataset on disk),
-``lesion_demo`` (synthetic dermoscopy), ``inferers`` (slice inference over foreground crops), ``metrics``,
-``reports`` and ``figures`` (evaluation outputs), ``checkpoints`` (finding weights and training states),
-``constants`` and ``files``;
-``moeskops`` holds the networks of Moeskops et al. 2017, the other adversarial system of the source papers.
+``engines`` (the adversarial trainers), ``transforms``, ``saving`` (one file per case), ``cases`` (finding
+cases on disk, naming them), ``datalist`` (split and load), ``phantom`` and ``demo`` (synthetic cases, the
+demo dataset on disk), ``lesion_demo`` (synthetic dermoscopy), ``inferers`` (slice inference over foreground
+crops), ``metrics``, ``reports`` and ``figures`` (evaluation outputs), ``checkpoints`` (finding weights and
+training states), ``constants`` and ``files``; ``moeskops`` holds the networks of Moeskops et al. 2017, the
+other adversarial system of the source papers.
 
 The configs reach it through one lazily resolved item, ``"segan": "$importlib.import_module('bundle')"``,
 rather than ``"$import bundle"``: MONAI evaluates import statements before ``run`` puts the bundle root on
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "inferers", "losses",
-    "metrics", "lesion_demo", "moeskops", "networks", "phantom", "reports", "transforms",
+    "metrics", "lesion_demo", "moeskops", "networks", "phantom", "reports", "saving", "transforms",
 ]
 
 

@@ -1,0 +1,129 @@
+"""Saving one prediction per case, under the case's name, never half-written (inference's last step).
+
+:class:`SaveCaseImaged` is a ``monai.transforms.SaveImaged`` (so MONAI Label drops it from ``postprocessing``
+like any other saver) that names the file after :func:`bundle.cases.case_id`, writes it through
+:func:`bundle.files.atomic_path`, and gives a NIfTI its input's spatial unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping
+
+import nibabel as nib
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import SaveImaged
+
+from .cases import case_id
+from .files import atomic_path
+
+__all__ = ["SaveCaseImaged", "source_file"]
+
+
+def source_file(image, meta_data: Mapping | None = None) -> str | None:
+    """The file ``image`` was loaded from (the first one for a stacked multi-file case), if known."""
+    meta = getattr(image, "meta", None) or meta_data or {}
+    name = meta.get("filename_or_obj")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return str(name) if name else None
+
+
+def _restore_spatial_units(path: str, source: str | None) -> None:
+    """Give the NIfTI at ``path`` the spatial unit of ``source`` (millimetres for non-NIfTI sources).
+
+    MONAI's NIfTI writer leaves ``xyzt_units`` unset ("unknown"), although MONAI's affines are in mm; a saved
+    label map should carry its input's header, units included.
+    """
+    unit = "mm"
+    if source and source.endswith((".nii", ".nii.gz")) and os.path.isfile(source):
+        unit = nib.load(source).header.get_xyzt_units()[0]
+        if unit == "unknown":
+            return
+    image = nib.load(path)
+    image.header.set_xyzt_units(xyz=unit)
+    data = np.asanyarray(image.dataobj)
+    nib.save(nib.Nifti1Image(data, image.affine, header=image.header), path)
+
+
+class SaveCaseImaged(SaveImaged):
+    """Save one image per case as ``<output_dir>/<case>_<output_postfix><output_ext>``, never half-written.
+
+    A ``monai.transforms.SaveImaged`` (so MONAI Label drops it from ``postprocessing`` like any other saver)
+    with two differences that inference over many cases needs:
+
+    * the file is named after the item's case id (:func:`bundle.cases.case_id`: ``data[case_key]``, e.g.
+      ``"BraTS2021_00000"``, else named from its files), not after the first of its modality files.
+      A case id with folders (``"HGG/brats_2013_pat0001_1"``) gives the same sub-folders under ``output_dir``.
+    * the file is written under a hidden temporary name in the same folder and renamed when complete, so an
+      interrupted or failed write leaves no partial file behind, and an earlier result is replaced whole.
+
+    Args:
+        keys: the one key to save, e.g. ``"pred"``.
+        output_dir: folder of the files (created if missing).
+        output_postfix: appended to the case id, e.g. ``"seg"``.
+        output_ext: file extension, which picks the writer (``".nii.gz"``: NIfTI).
+        case_key: item key holding the case id.
+        kwargs: other ``SaveImaged`` arguments (``output_dtype``, ``resample``, ``writer``, ``meta_keys``, ...).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = "./",
+        output_postfix: str = "seg",
+        output_ext: str = ".nii.gz",
+        case_key: str = "case",
+        print_log: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            keys, output_dir=output_dir, output_postfix=output_postfix, output_ext=output_ext, print_log=False, **kwargs
+        )
+        if len(self.keys) != 1:
+            raise ValueError(
+                f"SaveCaseImaged saves one key, got {list(self.keys)}: use one transform per key, each with its "
+                "own output_postfix."
+            )
+        self.output_dir = str(output_dir)
+        self.output_postfix = str(output_postfix)
+        self.output_ext = self.saver.output_ext
+        self.case_key = case_key
+        self.print_log = print_log
+        self.logger = logging.getLogger(self.__class__.__name__)
+
+    def case_name(self, data: Mapping, key: Hashable) -> str:
+        """The case id naming ``data[key]``'s file: ``data[case_key]``, else from its file name(s)."""
+        case = case_id(data, self.case_key, image_key=key)
+        if not case:
+            raise ValueError(
+                f"SaveCaseImaged: the item has no '{self.case_key}' entry and '{key}' no file name to name the output "
+                f"after; give each datalist item a '{self.case_key}'."
+            )
+        return case
+
+    def output_path(self, data: Mapping, key: Hashable) -> str:
+        """``<output_dir>/<case>_<output_postfix><output_ext>`` for this item."""
+        case = self.case_name(data, key)
+        if os.path.isabs(case) or ".." in case.replace("\\", "/").split("/"):
+            raise ValueError(f"case id '{case}' would be saved outside output_dir '{self.output_dir}'; rename the case.")
+        postfix = f"_{self.output_postfix}" if self.output_postfix else ""
+        return os.path.join(self.output_dir, f"{case}{postfix}{self.output_ext}")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            if meta_key is None and meta_key_postfix is not None:
+                meta_key = f"{key}_{meta_key_postfix}"
+            meta_data = d.get(meta_key) if meta_key is not None else None
+            path = self.output_path(d, key)
+            with atomic_path(path, self.output_ext) as tmp:
+                # MONAI's saver appends the extension itself
+                self.saver(img=d[key], meta_data=meta_data, filename=tmp[: -len(self.output_ext)])
+                if tmp.endswith((".nii", ".nii.gz")):
+                    _restore_spatial_units(tmp, source_file(d[key], meta_data))
+            if self.print_log:
+                self.logger.info(f"saved {path}")
+        return d
