@@ -154,6 +154,8 @@ def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
     parser.read_config(TRAIN)
     parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": demo_dir, "amp": "false", "resume": "false"})
     assert parser.get_parsed_content("train#trainer").amp is False
+    parser.update({"multiclass": "false"})
+    assert list(parser.get_parsed_content("regions")) == ["whole_tumor", "tumor_core", "enhancing_tumor"]
     # a resume would fail here: there is no training state in this fresh bundle root
     _train(tmp_path, demo_dir, max_epochs=1, resume="false", amp="false")
     assert (tmp_path / "models" / "model.pt").is_file()
