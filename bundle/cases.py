@@ -38,7 +38,7 @@ from .constants import MODALITIES, strip_image_suffix
 
 __all__ = [
     "GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id", "IMAGE_2D_SUFFIXES",
-    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in",
+    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in", "loaded_from",
 ]
 
 #: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
@@ -177,8 +177,9 @@ def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
     return sorted((item for item, _ in cases), key=lambda item: (item["case"], item["image"][0]))
 
 
-def _loaded_from(image: Any, meta: Mapping | None = None) -> Any:
-    """The file name(s) a loaded (Meta)Tensor came from, from its ``meta`` or a ``<key>_meta_dict``."""
+def loaded_from(image: Any, meta: Mapping | None = None) -> Any:
+    """The file name(s) a loaded (Meta)Tensor came from (its ``filename_or_obj``), from its ``meta`` or a
+    ``<key>_meta_dict`` given as ``meta``; ``None`` if unknown."""
     meta = getattr(image, "meta", None) or meta or {}
     return meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
 
@@ -202,7 +203,7 @@ def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str 
             return str(item[case_key])
         image = item.get(image_key)
         files = image if isinstance(image, (str, os.PathLike, list, tuple)) else None
-        files = files or _loaded_from(image, item.get(f"{image_key}_meta_dict"))
+        files = files or loaded_from(image, item.get(f"{image_key}_meta_dict"))
     else:
         files = item
     if isinstance(files, (list, tuple)):

@@ -16,7 +16,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import SaveImaged
 
-from .cases import case_id
+from .cases import case_id, loaded_from
 from .files import atomic_path
 
 __all__ = ["SaveCaseImaged", "source_file"]
@@ -24,8 +24,7 @@ __all__ = ["SaveCaseImaged", "source_file"]
 
 def source_file(image, meta_data: Mapping | None = None) -> str | None:
     """The file ``image`` was loaded from (the first one for a stacked multi-file case), if known."""
-    meta = getattr(image, "meta", None) or meta_data or {}
-    name = meta.get("filename_or_obj")
+    name = loaded_from(image, meta_data)
     if isinstance(name, (list, tuple)):
         name = name[0] if name else None
     return str(name) if name else None

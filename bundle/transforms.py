@@ -16,6 +16,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import CropForeground, CropForegroundd, MapTransform
 
+from .cases import loaded_from
 from .constants import MODALITIES, MSD_MODALITIES
 
 __all__ = [
@@ -25,9 +26,7 @@ __all__ = [
 
 def source_name(data: Mapping, key: Hashable) -> str:
     """The file a (Meta)Tensor in ``data[key]`` was loaded from, for error messages."""
-    value = data.get(key)
-    meta = getattr(value, "meta", None) or data.get(f"{key}_meta_dict") or {}
-    name = meta.get("filename_or_obj", None)
+    name = loaded_from(data.get(key), data.get(f"{key}_meta_dict"))
     if isinstance(name, (list, tuple)):
         name = ", ".join(str(n) for n in name)
     return str(name) if name else f"the '{key}' of this case"
