@@ -227,8 +227,11 @@ def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str 
 
 #: File extensions of 2D images and masks.
 IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-#: ISIC 2017 folder name of each datalist section: ``ISIC-2017_<Split>_Data`` and ``ISIC-2017_<Split>_Part1_GroundTruth``.
+#: ISIC 2017 folder name of each datalist section: ``ISIC-2017_<Split>_Data`` and ``ISIC-2017_<Split>_Part1_GroundTruth``
+#: (the test set was released as ``ISIC-2017_Test_v2_Data``: a version suffix is allowed).
 ISIC_SPLITS = {"training": "Training", "validation": "Validation", "testing": "Test"}
+_ISIC_SECTIONS = {split: section for section, split in ISIC_SPLITS.items()}
+_ISIC_DATA_FOLDER = re.compile(r"^ISIC-2017_(?P<split>Training|Validation|Test)(?P<version>_v\d+)?_Data$")
 # a mask is named like its image, possibly with one of these endings (ISIC: "_segmentation")
 _MASK_ENDINGS = ("_segmentation", "_mask", "_label", "_seg", "")
 # a folder of masks beside a folder of images (generic layout)
@@ -268,8 +271,9 @@ def _pair(images: list[Path], mask_folder: Path | None, root: Path, require_labe
 def find_image_pairs(dataset_dir, require_label: bool = True) -> dict[str, list[dict]] | None:
     """2D images with their masks under ``dataset_dir``, by datalist section, or ``None`` if it holds no 2D layout.
 
-    * ISIC 2017: each of ``ISIC-2017_{Training,Validation,Test}_Data`` present gives the section ``training``,
-      ``validation`` or ``testing``, the masks read from the matching ``..._Part1_GroundTruth`` folder;
+    * ISIC 2017: each of ``ISIC-2017_{Training,Validation,Test}_Data`` present (``Test_v2`` as released) gives
+      the section ``training``, ``validation`` or ``testing``, the masks read from the matching
+      ``..._Part1_GroundTruth`` folder;
     * otherwise, a folder of masks (its name holds ``mask``, ``label``, ``groundtruth`` or ``segmentation``)
       beside one folder of images gives one section, ``training``, to be split.
 
@@ -278,10 +282,12 @@ def find_image_pairs(dataset_dir, require_label: bool = True) -> dict[str, list[
     """
     root = check_dataset_dir(dataset_dir)
     sections = {}
-    for section, split in ISIC_SPLITS.items():
-        data = root / f"ISIC-2017_{split}_Data"
-        if data.is_dir():
-            sections[section] = _pair(images_in(data), root / f"ISIC-2017_{split}_Part1_GroundTruth", root, require_label)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = _ISIC_DATA_FOLDER.match(folder.name)
+        if match:
+            split, version = match.group("split"), match.group("version") or ""
+            truth = root / f"ISIC-2017_{split}{version}_Part1_GroundTruth"
+            sections[_ISIC_SECTIONS[split]] = _pair(images_in(folder), truth, root, require_label)
     if sections:
         return sections
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -16,7 +16,8 @@ def _save(path, array):
     Image.fromarray(array).save(path)
 
 
-def _isic_tree(root, splits={"Training": 3, "Validation": 1, "Test": 1}, size=(20, 28)):
+def _isic_tree(root, splits={"Training": 3, "Validation": 1, "Test_v2": 1}, size=(20, 28)):
+    """ISIC 2017 as released (the test set as ``Test_v2``), with its superpixel images and metadata file."""
     rng = np.random.default_rng(0)
     for split, n in splits.items():
         for i in range(n):
