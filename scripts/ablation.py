@@ -460,18 +460,24 @@ def ablation(
     header = (f"## Ablation: suite `{suite}` ({the_suite.description})\n\n"
               f"Command: `{command}`. Budget: `{' + '.join(the_suite.configs)}`; each row adds its overlay. "
               "Metrics are case means over the held-out `testing` cases of each run, then mean ± sample std over seeds.")
-    results, started = [], time.perf_counter()
+    results, failed, started = [], [], time.perf_counter()
     for i, (row, seed) in enumerate(plan, 1):
         run_dir = work / _slug(row.name) / f"seed{seed}"
         print(f"[{i}/{len(plan)}] {row.name}, seed {seed} ({run_dir})", flush=True)
-        result = _run_one(the_suite, row, seed, run_dir, data_overrides, overrides)
+        try:
+            result = _run_one(the_suite, row, seed, run_dir, data_overrides, overrides)
+        except Exception as error:  # one broken row must not cost the others' hours; it is retried next time
+            print(f"  FAILED: {error!r}; logs in {run_dir}", flush=True)
+            failed.append(f"{row.name} seed {seed}")
+            continue
         dice = result["metrics"]["dice"]
         print(f"  trained in {result['train_seconds']:.0f} s; test Dice " +
               ", ".join(f"{_short(r)} {v:.3f}" for r, v in dice.items() if v is not None), flush=True)
         results.append(result)
         write_report(Path(out), the_suite, results, names, header)
     print(f"ablation of {len(plan)} runs done in {time.perf_counter() - started:.0f} s; report in {out}", flush=True)
-
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their logs, fix, and run again.")
 
 if __name__ == "__main__":
     fire.Fire(ablation)

@@ -72,3 +72,12 @@ def test_isic_suite_trains_on_the_lesion_demo_and_evaluates_its_test_set(ablatio
     result = json.loads((tmp_path / "runs" / "isic" / "SegAN" / "seed0" / "result.json").read_text())
     assert result["num_test_cases"] == 2 and 0.0 <= result["metrics"]["dice"]["lesion"] <= 1.0
     assert "| SegAN | 1 |" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_a_failing_run_is_reported_and_retried_not_recorded(ablation, tmp_path, capsys):
+    ablation.register(ablation.Row("broken", overrides={"critic_mode": "no such mode"}))
+    tiny = {**TINY, "max_epochs": 1, "demo_num_cases": 4, "demo_test_cases": 1, "demo_shape": [32, 32, 24]}
+    with pytest.raises(RuntimeError, match="broken seed 0"):
+        ablation.ablation(rows=["broken"], seeds=1, out=str(tmp_path / "report"), work_dir=str(tmp_path), **tiny)
+    assert "FAILED" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("result.json"))
