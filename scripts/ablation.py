@@ -75,7 +75,7 @@ class Suite:
     ``eval_overlays``; ``prepare(work_dir,
     configs, overrides)`` makes the data once and returns the overrides that point the runs at it
     (``dataset_dir`` and a ``data_list_file_path`` whose ``testing`` section is the held-out cases);
-    ``rows``: the default rows.
+    ``rows``: the default rows; ``budget_keys``: config keys the report states.
     """
 
     name: str
@@ -84,6 +84,7 @@ class Suite:
     prepare: Callable[[Path, Sequence[str], Mapping[str, Any]], dict]
     rows: tuple[str, ...]
     description: str = ""
+    budget_keys: tuple[str, ...] = ()
 
 
 ROWS: dict[str, Row] = {}
@@ -157,7 +158,12 @@ SUITES["demo"] = Suite(
     eval_configs=("configs/inference.json", "configs/demo.json", _variant("ablation_demo")),
     prepare=prepare_demo,
     rows=("S1-1C", "S3-1C", "S3-3C", "S3-3C-s0", "S3-3C-s3", "S3-3C + Dice", "S3-3C + 2.5D", "U-net"),
-    description="hard synthetic BraTS-like demo (bundle.demo, difficulty 1), 16 training / 8 test cases",
+    description="the synthetic BraTS-like demo (bundle.demo) made harder with demo_difficulty",
+    budget_keys=(
+        "demo_difficulty", "demo_shape", "features", "critic_features", "patch_size", "slices_per_volume",
+        "volumes_per_batch", "max_epochs", "val_interval", "optimizer_name", "learning_rate", "lr_step_epochs",
+        "lr_gamma",
+    ),
 )
 
 
@@ -422,6 +428,27 @@ def _bar_chart(summaries: Sequence[dict], regions: Sequence[str]) -> bytes:
     return buffer.getvalue()
 
 
+def _header(suite: Suite, rows, seeds: int, overrides: Mapping, data_overrides: Mapping) -> str:
+    """What the report was made with: the command, the configs, the budget's values, the data split."""
+    options = {"rows": rows, "seeds": seeds, "suite": suite.name, **overrides}
+    command = "python scripts/ablation.py " + " ".join(
+        f'--{k} "{v!r}"' if isinstance(v, (list, tuple, dict)) else f"--{k} {v}" for k, v in options.items() if v is not None
+    )
+    parser = _parser(suite.configs, {**overrides, **data_overrides})
+    budget = ", ".join(f"`{k}` {parser.get_parsed_content(k)}" for k in suite.budget_keys)
+    with open(data_overrides["data_list_file_path"], encoding="utf-8") as f:
+        split = {k: len(v) for k, v in json.load(f).items()}
+    return (
+        f"## Ablation: suite `{suite.name}`, {suite.description}\n\n"
+        f"Command: `{command}`\n\n"
+        f"Every row trains with `{' + '.join(suite.configs)}` plus its own overlay, and is evaluated with "
+        f"`{' + '.join(suite.eval_configs)}` + `configs/evaluate.json`. Budget: {budget}. Data: "
+        f"{split.get('training', 0)} training, {split.get('validation', 0)} validation (model selection) and "
+        f"{split.get('testing', 0)} held-out test cases, the same for every run. Metrics are case means over the "
+        "test cases, then mean ± sample standard deviation over seeds."
+    )
+
+
 def ablation(
     rows: Union[Sequence[str], str, None] = None,
     seeds: int = 3,
@@ -455,11 +482,7 @@ def ablation(
     work.mkdir(parents=True, exist_ok=True)
     data_overrides = the_suite.prepare(work, the_suite.configs, overrides)
     plan = [(ROWS[n], first_seed + s) for n in names for s in range(int(seeds))]
-    command = "python scripts/ablation.py " + " ".join(f"--{k} {v!r}" for k, v in {
-        "rows": names if rows is not None else None, "seeds": seeds, "suite": suite, **overrides}.items() if v is not None)
-    header = (f"## Ablation: suite `{suite}` ({the_suite.description})\n\n"
-              f"Command: `{command}`. Budget: `{' + '.join(the_suite.configs)}`; each row adds its overlay. "
-              "Metrics are case means over the held-out `testing` cases of each run, then mean ± sample std over seeds.")
+    header = _header(the_suite, names if rows is not None else None, seeds, overrides, data_overrides)
     results, failed, started = [], [], time.perf_counter()
     for i, (row, seed) in enumerate(plan, 1):
         run_dir = work / _slug(row.name) / f"seed{seed}"
