@@ -436,16 +436,18 @@ def _header(suite: Suite, rows, seeds: int, overrides: Mapping, data_overrides: 
     )
     parser = _parser(suite.configs, {**overrides, **data_overrides})
     budget = ", ".join(f"`{k}` {parser.get_parsed_content(k)}" for k in suite.budget_keys)
-    with open(data_overrides["data_list_file_path"], encoding="utf-8") as f:
-        split = {k: len(v) for k, v in json.load(f).items()}
+    data = "the same training, validation (model selection) and held-out test cases for every run"
+    if data_overrides.get("data_list_file_path"):
+        with open(data_overrides["data_list_file_path"], encoding="utf-8") as f:
+            split = {k: len(v) for k, v in json.load(f).items()}
+        data = (f"{split.get('training', 0)} training, {split.get('validation', 0)} validation (model selection) and "
+                f"{split.get('testing', 0)} held-out test cases, the same for every run")
     return (
         f"## Ablation: suite `{suite.name}`, {suite.description}\n\n"
         f"Command: `{command}`\n\n"
         f"Every row trains with `{' + '.join(suite.configs)}` plus its own overlay, and is evaluated with "
-        f"`{' + '.join(suite.eval_configs)}` + `configs/evaluate.json`. Budget: {budget}. Data: "
-        f"{split.get('training', 0)} training, {split.get('validation', 0)} validation (model selection) and "
-        f"{split.get('testing', 0)} held-out test cases, the same for every run. Metrics are case means over the "
-        "test cases, then mean ± sample standard deviation over seeds."
+        f"`{' + '.join(suite.eval_configs)}` + `configs/evaluate.json`. Budget: {budget or 'the configs above'}. "
+        f"Data: {data}. Metrics are case means over the test cases, then mean ± sample standard deviation over seeds."
     )
 
 
@@ -501,6 +503,7 @@ def ablation(
     print(f"ablation of {len(plan)} runs done in {time.perf_counter() - started:.0f} s; report in {out}", flush=True)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their logs, fix, and run again.")
+
 
 if __name__ == "__main__":
     fire.Fire(ablation)
