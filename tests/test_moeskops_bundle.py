@@ -107,3 +107,14 @@ def test_multiclass_inference_writes_each_class_as_its_label_in_the_input_geomet
         assert 0 < head.mean() < 1
         expected = np.where(head, value, 0)
         np.testing.assert_array_equal(np.asarray(saved.dataobj), expected)
+
+
+def test_classes_are_sampled_equally_often_as_training_slice_centres(demo_dir):
+    """The paper balances its training patches per class (section 3.1); the rows do it with slice crops."""
+    parser = ConfigParser()
+    parser.read_config(_configs("train", "moeskops/multiclass", "moeskops/fcn"))
+    parser.update({**TINY, "dataset_dir": demo_dir, "patch_size": [16, 16], "slices_per_volume": 64})
+    dataset = parser.get_parsed_content("train#dataset")
+    centres = [int(s["label"][:, 8, 8].argmax()) for i in range(len(dataset)) for s in dataset[i]]
+    counts = np.bincount(centres, minlength=len(CLASSES))
+    assert len(centres) >= 128 and counts.min() > 0.5 * len(centres) / len(CLASSES)
