@@ -9,9 +9,11 @@ crops), ``metrics``, ``reports`` and ``figures`` (evaluation outputs), ``checkpo
 training states), ``constants`` and ``files``; ``moeskops`` holds the networks of Moeskops et al. 2017, the
 other adversarial system of the source papers.
 
-The configs reach it through one lazily resolved item, ``"segan": "$importlib.import_module('bundle')"``,
+The configs reach it through one lazily resolved item, ``"segan": "$... pkgutil.resolve_name('bundle')"``,
 rather than ``"$import bundle"``: MONAI evaluates import statements before ``run`` puts the bundle root on
-``sys.path``, so an eager import fails for a bundle that is run from elsewhere without being installed.
+``sys.path``, and ``monai.bundle.load`` never calls ``run``, so the item first puts ``bundle_root`` on
+``sys.path`` itself. ``bundle_root`` defaults to the folder above the config file the ``ConfigWorkflow`` was
+made from, so a bundle unpacked anywhere finds its code and ``models/`` with nothing installed.
 Submodules are imported on first use (``segan.demo.ensure_demo_data`` imports ``bundle.demo``), so a config
 pays only for the modules it touches.
 """

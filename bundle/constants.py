@@ -38,3 +38,24 @@ def strip_image_suffix(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+#: What each label value written by the post-processing means, per convention (the values of
+#: ``REGION_LABEL_PRESETS``: whole tumour outside the core, core outside the enhancing part, enhancing).
+LABEL_NAMES = {
+    "brats": {2: "edema", 1: "necrotic and non-enhancing tumor core", 4: "enhancing tumor"},
+    "brats2023": {2: "edema", 1: "necrotic and non-enhancing tumor core", 3: "enhancing tumor"},
+    "msd": {1: "edema", 3: "necrotic and non-enhancing tumor core", 2: "enhancing tumor"},
+}
+
+
+def label_channel_def(convention: str = "brats") -> dict[str, str]:
+    """``channel_def`` of the label map the inference writes: ``{"0": "background", "<value>": name, ...}``.
+
+    ``configs/metadata.json`` holds the one of the configs' ``label_convention``; MONAI Label lists these
+    names as the model's labels (skipping background) and trains on label maps with these values.
+    """
+    if convention not in LABEL_NAMES:
+        raise ValueError(f"unknown label_convention {convention!r}; choose one of {sorted(LABEL_NAMES)}.")
+    names = LABEL_NAMES[convention]
+    return {"0": "background", **{str(v): names[v] for v in sorted(REGION_LABEL_PRESETS[convention])}}
