@@ -23,8 +23,8 @@ import importlib
 __version__ = "0.1.0"
 
 __all__ = [
-    "cases", "checkpoints", "constants", "datalist", "demo", "engines", "figures", "files", "inferers", "losses",
-    "metrics", "lesion_demo", "moeskops", "networks", "phantom", "reports", "saving", "transforms",
+    "cases", "checkpoints", "constants", "datalist", "demo", "engines", "failures", "figures", "files", "guards",
+    "inferers", "losses", "metrics", "lesion_demo", "moeskops", "networks", "phantom", "reports", "saving", "transforms",
 ]
 
 

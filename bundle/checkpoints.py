@@ -1,6 +1,15 @@
-"""Where trained weights and training states are found: the segmentor for inference and evaluation, the
-newest full training state for ``--resume``. Both are called from the configs (a ``CheckpointLoader``'s
-``load_path``) and fail with what to do instead of a bare ``torch.load`` error.
+"""Saving and finding trained weights and training states, so that a crash never costs more than the last
+interval and a bad file never becomes the model.
+
+- :class:`SafeCheckpointSaver`: MONAI's ``CheckpointSaver``, crash-safe: every file is written atomically
+  (temporary file, fsync, rename), an older file is deleted only once its successor is complete, weights
+  holding NaN or infinite values are never saved, and the best key metric survives a resume.
+- :func:`trained_weights`: the segmentor for inference and evaluation, checked before it is loaded (a file
+  that does not load, or holds NaN or infinite weights, is refused naming it).
+- :func:`latest_training_state`: the newest training state that loads, for ``--resume``.
+
+The functions are called from the configs (a ``CheckpointLoader``'s ``load_path``) and fail with what to do
+instead of a bare ``torch.load`` error.
 
 A flat state dict of :class:`bundle.networks.SegANSegmentor` also tells its own architecture: the encoder
 convolutions give the widths (``features``) and the input channels, the head the output channels, and the
@@ -20,9 +29,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.handlers import CheckpointSaver
+from monai.utils import IgniteInfo, min_version, optional_import
 
-__all__ = ["trained_weights", "trained_setting", "segmentor_settings", "latest_training_state"]
+from .files import atomic_path
 
+BaseSaveHandler, _ = optional_import(
+    "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
+)
+Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
+
+__all__ = [
+    "SafeCheckpointSaver", "non_finite_entries", "trained_weights", "trained_setting", "segmentor_settings",
+    "latest_training_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +70,7 @@ def segmentor_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _load_state(path: str) -> Mapping[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load(path, "Point --ckpt_path at a complete model.pt, or train again.")
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]  # a {"model": state dict} checkpoint, which CheckpointLoader also accepts
     if not isinstance(state, Mapping):
@@ -87,6 +108,162 @@ def trained_setting(
     return settings[name]
 
 
+def non_finite_entries(state: Any, limit: int = 3) -> list[str]:
+    """Names (dotted paths) of the first ``limit`` floating-point tensors in ``state`` holding NaN or infinity."""
+    found: list[str] = []
+
+    def walk(value: Any, name: str) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                found.append(name)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}" if name else str(i))
+
+    walk(state, "")
+    return found
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler behind :class:`SafeCheckpointSaver`: atomic writes, deletions after the next write.
+
+    ignite's ``Checkpoint`` asks to remove the file a new one supersedes *before* it writes the new one (and
+    MONAI's ``DiskSaver`` writes in place): a crash in between leaves no valid file. Here ``remove`` only
+    records the file; it is deleted after the next file is complete on disk, and never when it is the
+    file just written (a fixed name such as ``model.pt`` is replaced by the rename itself).
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        self.dirname = dirname
+        self.filename = filename
+        self.pending_removal: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() != 0:
+            return
+        filename = self.filename or filename
+        path = os.path.join(self.dirname, filename)
+        bad = non_finite_entries(checkpoint)
+        if bad:
+            logger.error(
+                f"not saving '{path}': {', '.join(bad)} hold NaN or infinite values. The previous file is kept."
+            )
+            return
+        with atomic_path(path) as tmp:
+            with open(tmp, "xb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_folder(self.dirname)  # the rename itself reaches the disk before the older file goes
+        for old in self.pending_removal:
+            if old != filename:
+                try:
+                    os.remove(os.path.join(self.dirname, old))
+                except FileNotFoundError:
+                    pass
+        self.pending_removal = []
+
+    def remove(self, filename: str) -> None:
+        filename = self.filename or filename
+        if filename not in self.pending_removal:
+            self.pending_removal.append(filename)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a system where folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` for runs that take days: a crash or a bad step must not cost the saved state.
+
+    Same arguments and file names as ``monai.handlers.CheckpointSaver``, with these differences:
+
+    - every file is written to a hidden temporary file, flushed to disk and renamed, so a file under its final
+      name is always complete;
+    - a periodic checkpoint that a newer one supersedes (``n_saved``) is deleted only after the newer one is
+      complete, so a kill mid-write leaves the previous one;
+    - a checkpoint whose tensors hold NaN or infinite values (a diverged training) is not written, with an
+      error in the log, so it can neither become the "best" model nor the state a resume starts from;
+    - periodic checkpoints left by the run being resumed count towards ``n_saved`` (they do not pile up);
+    - it is itself a state to save and load: ``state_dict()`` holds the best key metric, its epoch and the best
+      file, so that a resumed training compares new validations with the best one before the interruption
+      (put it in the training state's ``save_dict`` and the resume ``CheckpointLoader``'s ``load_dict``).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        os.makedirs(save_dir, exist_ok=True)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, checkpoint.save_handler.filename)
+        self._engine = None
+        self._adopted = False
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        self._engine = engine
+
+    def interval_completed(self, engine) -> None:
+        if not self._adopted:
+            self._adopt_earlier_checkpoints(engine)
+        super().interval_completed(engine)
+
+    def _adopt_earlier_checkpoints(self, engine) -> None:
+        """Count the periodic checkpoints of the run being resumed towards ``n_saved``."""
+        self._adopted = True
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or checkpoint.n_saved is None:
+            return
+        step = engine.state.epoch if self.epoch_level else engine.state.iteration
+        name = re.compile(re.escape(checkpoint.filename_prefix + ("_" if checkpoint.filename_prefix else ""))
+                          + r"checkpoint_" + ("epoch" if self.epoch_level else "iteration") + r"=(\d+)\.pt")
+        known = {item.filename for item in checkpoint._saved}
+        earlier = []
+        for file in os.listdir(self.save_dir):
+            match = name.fullmatch(file)
+            if match and int(match[1]) < step and file not in known:
+                earlier.append(Checkpoint.Item(int(match[1]), file))
+        earlier.sort(key=lambda item: item.priority)
+        keep = max(checkpoint.n_saved - 1 - len(checkpoint._saved), 0)
+        kept = earlier[len(earlier) - keep :] if keep else []
+        checkpoint._saved = sorted(checkpoint._saved + kept, key=lambda item: item.priority)
+        for item in earlier[: len(earlier) - len(kept)]:
+            checkpoint.save_handler.remove(item.filename)
+
+    def state_dict(self) -> dict:
+        """The best key metric so far, its epoch and the file holding it."""
+        state: dict[str, Any] = {}
+        if self._key_metric_checkpoint is not None:
+            state["key_metric_saved"] = [(float(p), str(f)) for p, f in self._key_metric_checkpoint._saved]
+        engine_state = getattr(self._engine, "state", None)
+        if engine_state is not None and getattr(engine_state, "best_metric_epoch", -1) != -1:
+            state["best_metric"] = float(engine_state.best_metric)
+            state["best_metric_epoch"] = int(engine_state.best_metric_epoch)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore the best key metric (and the engine's ``best_metric`` / ``best_metric_epoch``)."""
+        if self._key_metric_checkpoint is not None and "key_metric_saved" in state_dict:
+            self._key_metric_checkpoint._saved = [Checkpoint.Item(p, f) for p, f in state_dict["key_metric_saved"]]
+        if self._engine is not None and "best_metric" in state_dict:
+            self._engine.state.best_metric = state_dict["best_metric"]
+            self._engine.state.best_metric_epoch = state_dict["best_metric_epoch"]
+
+
 def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
     """``path`` if it holds weights that fit ``network``, for a ``CheckpointLoader``; otherwise an error saying why.
 
@@ -104,6 +281,13 @@ def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
     if network is None:
         return path
     state = _load_state(path)
+    bad = non_finite_entries(state)
+    if bad:
+        raise ValueError(
+            f"the weights in '{path}' hold NaN or infinite values ({', '.join(bad)}): they come from a training that "
+            "diverged and would segment every voxel as background. Use the model.pt of an earlier run, or train "
+            "again (check the inputs, lower `learning_rate`)."
+        )
     expected = network.state_dict()
     if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
         return path
@@ -121,11 +305,13 @@ def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
 
 
 def latest_training_state(state_dir: str) -> str:
-    """The newest full training state in ``state_dir``, for ``--resume true``.
+    """The newest full training state in ``state_dir`` that loads, for ``--resume true``.
 
     Training saves the state every ``val_interval`` epochs (``checkpoint_epoch=N.pt``) and at the end or on
     an error (``training_state.pt``); a run killed from outside (a scheduler's time limit, a lost node)
-    leaves only the periodic file, so the newest of them is what to resume from.
+    leaves only the periodic file, so the newest of them is what to resume from. A file that does not load
+    (cut short by a crash, or damaged since) or holds NaN or infinite values is skipped with a warning naming
+    it, and the next newest is tried.
     """
     candidates = glob.glob(os.path.join(state_dir, "checkpoint_epoch=*.pt"))
     candidates += glob.glob(os.path.join(state_dir, "training_state.pt"))
@@ -134,5 +320,35 @@ def latest_training_state(state_dir: str) -> str:
             f"nothing to resume from: no training_state.pt or checkpoint_epoch=*.pt in '{state_dir}'. Drop "
             "--resume, or point --state_dir at the checkpoints folder of the run to continue."
         )
-    return max(candidates, key=os.path.getmtime)
+    skipped = []
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        try:
+            state = _load(path, "")
+        except ValueError as error:
+            cause = error.__cause__ or error
+            why = f"{os.path.getsize(path)} bytes, {type(cause).__name__}: {cause}".rstrip(": ")
+            skipped.append(f"'{path}' (does not load: {why})")
+            logger.warning(f"not resuming from '{path}': it does not load ({why}); trying an older state.")
+            continue
+        bad = non_finite_entries(state)
+        if bad:
+            skipped.append(f"'{path}' (NaN or infinite values in {', '.join(bad)})")
+            logger.warning(f"not resuming from '{path}': {', '.join(bad)} hold NaN or infinite values; trying an older state.")
+            continue
+        return path
+    raise ValueError(
+        f"nothing to resume from in '{state_dir}': no training state there loads: {'; '.join(skipped)}. Drop --resume "
+        "to start over."
+    )
 
+
+def _load(path: str, what_to_do: str) -> Any:
+    """``torch.load(path)`` of weights only, on the CPU; a file that does not load raises an error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise ValueError(
+            f"cannot load '{path}' ({size} bytes): {type(error).__name__}: {error}. The file is damaged (e.g. cut "
+            f"short by a crash or an interrupted copy) or is not a PyTorch checkpoint. {what_to_do}".rstrip()
+        ) from error

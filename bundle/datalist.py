@@ -178,6 +178,14 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
         if "grade" in resolved and resolved["grade"] is None:
             resolved["grade"] = ""
         out.append(resolved)
+    if not out:
+        hint = (
+            "the 9:1 split holds out a validation case only from a grade with two or more cases: add cases, or give "
+            "a datalist with a 'validation' section (--data_list_file_path)"
+            if not data_list_file_path
+            else f"add items to '{key}', or pick another section"
+        )
+        raise ValueError(f"{source}: section '{key}' is empty, so there is nothing to run on; {hint}.")
     return out
 
 
@@ -190,6 +198,12 @@ def _with_case_ids(items: list[dict], source: str) -> list[dict]:
         if not item.get("case"):
             item["case"] = case_id(item["image"])
         item["case"] = str(item["case"])
+        parts = item["case"].replace("\\", "/").split("/")
+        if os.path.isabs(item["case"]) or ".." in parts or not all(parts):
+            raise ValueError(
+                f"{source}: item {i} has case id '{item['case']}', which would write its output outside output_dir; "
+                "give it a relative 'case' entry without '..' (e.g. the subject's name)."
+            )
         if item["case"] in seen:
             raise ValueError(
                 f"{source}: items {seen[item['case']]} and {i} are both case '{item['case']}', so their outputs "

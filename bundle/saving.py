@@ -2,7 +2,8 @@
 
 :class:`SaveCaseImaged` is a ``monai.transforms.SaveImaged`` (so MONAI Label drops it from ``postprocessing``
 like any other saver) that names the file after :func:`bundle.cases.case_id`, writes it through
-:func:`bundle.files.atomic_path`, and gives a NIfTI its input's spatial unit.
+:func:`bundle.files.atomic_path`, and writes a label map of a NIfTI input with that input's own header (any
+valid affine, its sform/qform codes and units round-trip).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Hashable, Mapping
 
 import nibabel as nib
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.transforms import SaveImaged
 
@@ -118,11 +120,37 @@ class SaveCaseImaged(SaveImaged):
                 meta_key = f"{key}_{meta_key_postfix}"
             meta_data = d.get(meta_key) if meta_key is not None else None
             path = self.output_path(d, key)
+            source = source_file(d[key], meta_data)
             with atomic_path(path, self.output_ext) as tmp:
-                # MONAI's saver appends the extension itself
-                self.saver(img=d[key], meta_data=meta_data, filename=tmp[: -len(self.output_ext)])
-                if tmp.endswith((".nii", ".nii.gz")):
-                    _restore_spatial_units(tmp, source_file(d[key], meta_data))
+                if not self._save_like_source(d[key], source, tmp):
+                    # MONAI's saver appends the extension itself
+                    self.saver(img=d[key], meta_data=meta_data, filename=tmp[: -len(self.output_ext)])
+                    if tmp.endswith((".nii", ".nii.gz")):
+                        _restore_spatial_units(tmp, source)
             if self.print_log:
                 self.logger.info(f"saved {path}")
         return d
+
+    def _save_like_source(self, image, source: str | None, path: str) -> bool:
+        """Write ``image`` (C, H, W, D) as a NIfTI with the header of the NIfTI it was segmented from.
+
+        MONAI's NIfTI writer rebuilds the header from the affine: it fails on affines that permute the axes
+        ("not invertible") and resets the sform/qform codes to (1, 1). A label map on its input's voxel grid
+        can take the input's header as it is, so any valid input geometry round-trips, codes and units
+        included. Returns ``False`` (nothing written) when that does not apply: a non-NIfTI output or source,
+        or an image not on the source's grid.
+        """
+        nifti = (".nii", ".nii.gz")
+        if not path.endswith(nifti) or not source or not source.endswith(nifti) or not os.path.isfile(source):
+            return False
+        reference = nib.load(source)
+        array = np.asarray(torch.as_tensor(image).detach().cpu())
+        if tuple(array.shape[1:]) != tuple(reference.shape[:3]):
+            return False
+        array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+        dtype = self.saver.init_kwargs.get("output_dtype") or array.dtype
+        header = reference.header.copy()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(None, None)  # the source's intensity scaling does not apply to labels
+        nib.save(nib.Nifti1Image(array.astype(dtype), None, header), path)
+        return True

@@ -294,8 +294,13 @@ def test_an_interrupted_write_leaves_no_file_and_keeps_the_previous_result(
         Path(filename).write_bytes(b"half a NIfTI")
         raise OSError("disk full")
 
+    def save_half_then_fail(image, filename, **kwargs):
+        Path(filename).write_bytes(b"half a NIfTI")
+        raise OSError("disk full")
+
     monkeypatch.setattr(NibabelWriter, "write", write_half_then_fail)
     monkeypatch.setattr(ITKWriter, "write", write_half_then_fail)
+    monkeypatch.setattr("bundle.saving.nib.save", save_half_then_fail)  # label maps with a NIfTI source
     with pytest.raises(Exception) as error:
         _infer(bundle_root, demo_dir, out, progress=False)
     assert "disk full" in _messages(error.value)
