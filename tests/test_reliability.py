@@ -316,8 +316,38 @@ def test_a_bad_image_file_is_named_with_its_case_and_what_is_wrong(tmp_path, dem
     assert _files(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["zero-byte", "truncated"])
+class _NotWeights:
+    """Any pickled object: ``weights_only`` loading must refuse to run its code."""
+
+
+def test_an_image_and_its_label_on_different_grids_are_named(tmp_path, demo_dir):
+    from bundle.transforms import LoadCaseImaged
+
+    case = _copy_case(demo_dir, "Demo_002", tmp_path)
+    seg = case / "Demo_002_seg.nii.gz"
+    image = nib.load(seg)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :36], image.affine), seg)
+    flair = str(case / "Demo_002_flair.nii.gz")
+    load = LoadCaseImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)
+    with pytest.raises(ValueError, match=r"case 'Demo_002': its files are on different grids \(image '.*flair.nii.gz': "
+                       r"\(40, 40, 24\); label '.*seg.nii.gz': \(40, 36, 24\)\)"):
+        load({"image": flair, "label": str(seg), "case": "Demo_002"})
+
+
+def test_a_dataset_folder_with_nothing_to_validate_on_is_refused(tmp_path, demo_dir):
+    from bundle.datalist import load_datalist
+
+    _copy_case(demo_dir, "Demo_000", tmp_path / "one")
+    with pytest.raises(ValueError, match="section 'validation' is empty.*add cases, or give a datalist"):
+        load_datalist("", str(tmp_path / "one"), "validation")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", "pickled object"],
+                         ids=["zero-byte", "truncated", "pickled object"])
 def test_a_damaged_weights_file_is_named(tmp_path, demo_dir, content):
+    if content == "pickled object":
+        torch.save({"model": _NotWeights()}, tmp_path / "model.pt")
+        content = (tmp_path / "model.pt").read_bytes()
     (tmp_path / "model.pt").write_bytes(content)
     with pytest.raises(Exception) as error:
         _infer(demo_dir, tmp_path / "out", tmp_path / "model.pt")
