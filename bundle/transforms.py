@@ -83,8 +83,9 @@ class LoadCaseImaged(LoadImaged):
                     spatial = tuple(v for i, v in enumerate(spatial) if i != int(channel_dim) % image.ndim)
             if len(spatial) != self.spatial_dims:
                 raise ValueError(
-                    f"{self._case(d)}: {_quoted(data[key])} {'is a' if isinstance(data[key], str) else 'hold'} "
-                    f"{len(spatial)}D image data, loaded as shape {tuple(image.shape)}; "
+                    f"{self._case(d)}: {_quoted(data[key])} "
+                    f"{'is a' if isinstance(data[key], str) else 'are'} {len(spatial)}D "
+                    f"image{'' if isinstance(data[key], str) else 's'}, loaded as shape {tuple(image.shape)}; "
                     f"a case needs {self.spatial_dims}D volumes (one file per modality, or one 4D file with the "
                     "modalities last). Convert the file, or remove the case."
                 )

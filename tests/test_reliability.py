@@ -294,14 +294,14 @@ def _two_dimensional(case):
     for file in case.iterdir():
         image = nib.load(file)
         nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 10], image.affine), file)
-    return case / f"{case.name}_t1.nii.gz", "hold 2D image data", "needs 3D volumes"
+    return case / f"{case.name}_t1.nii.gz", "are 2D images", "needs 3D volumes"
 
 
 def _five_dimensional(case):
     for file in case.iterdir():
         image = nib.load(file)
         nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., None, None].repeat(2, 4), image.affine), file)
-    return case / f"{case.name}_t1.nii.gz", "hold 4D image data", "needs 3D volumes"
+    return case / f"{case.name}_t1.nii.gz", "are 4D images", "needs 3D volumes"
 
 
 @pytest.mark.parametrize("spoil", [_truncate, _empty, _other_grid, _two_dimensional, _five_dimensional])
