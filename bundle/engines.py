@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.losses import DiceLoss
@@ -18,7 +20,16 @@ from torch.optim import Optimizer
 from .losses import MultiScaleL1Loss
 from .networks import SegANCritics
 
-__all__ = ["AlternatingTrainer", "SegANTrainer", "MoeskopsTrainer", "DISCRIMINATOR_LOSS", "CRITIC_LOSS", "ADVERSARIAL_LOSS"]
+__all__ = [
+    "AlternatingTrainer",
+    "SegANTrainer",
+    "MoeskopsTrainer",
+    "LossShareLogger",
+    "DISCRIMINATOR_LOSS",
+    "CRITIC_LOSS",
+    "ADVERSARIAL_LOSS",
+    "LOSS_TERMS",
+]
 
 #: Engine output key of the critic's loss (the multi-scale L1 loss it maximises).
 CRITIC_LOSS = "critic_loss"
@@ -26,6 +37,9 @@ CRITIC_LOSS = "critic_loss"
 ADVERSARIAL_LOSS = "adversarial_loss"
 #: Engine output key of the Moeskops discriminator's loss on manual segmentations (Ld).
 DISCRIMINATOR_LOSS = "discriminator_loss"
+#: Engine output key of each (critic, layer)'s contribution to the adversarial loss, shape (critics, layers),
+#: summing to it (``MultiScaleL1Loss.terms``): per region with S3-3C, whether the deeper layers carry any of it.
+LOSS_TERMS = "loss_terms"
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -76,12 +90,15 @@ class SegANTrainer(AlternatingTrainer):
 
     1. the segmentor predicts probability maps ``S(x) = sigmoid(network(x))``;
     2. **critic step** with S fixed: ``-L`` is minimised, i.e. the critics *maximise* the multi-scale loss
-       between ``x o S(x)`` (detached) and ``x o y``; then every critic weight is clamped to ``[-clip, clip]``;
+       between ``x o S(x)`` (detached) and ``x o y``; then every critic weight is clamped to ``[-clip, clip]``.
+       When the loss does not depend on the critics (S3-3C-s0 compares only the masked inputs, layer 0) there
+       is nothing to ascend and the step is skipped;
     3. **segmentor step** with C fixed: ``L`` (plus ``dice_weight`` times a soft Dice loss, optional) is
        minimised, the gradient reaching S only through the critics.
 
     The engine output holds ``image``, ``label``, ``pred`` (probabilities), ``loss`` (the segmentor's total
-    loss), ``adversarial_loss`` and ``critic_loss``; ``IterationEvents`` fire as in ``SupervisedTrainer``
+    loss), ``adversarial_loss``, ``critic_loss`` and ``loss_terms`` (each critic layer's part of the
+    adversarial loss); ``IterationEvents`` fire as in ``SupervisedTrainer``
     (forward, loss and backward completed for the segmentor step, model completed after both updates).
 
     Args:
@@ -110,7 +127,7 @@ class SegANTrainer(AlternatingTrainer):
         critic: SegANCritics,
         optimizer: Optimizer,
         critic_optimizer: Optimizer,
-        loss_function: Callable | None = None,
+        loss_function: MultiScaleL1Loss | None = None,
         clip: float | None = 0.01,
         dice_weight: float = 0.0,
         critic_steps: int = 1,
@@ -184,6 +201,8 @@ class SegANTrainer(AlternatingTrainer):
             engine.critic_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             with engine._autocast():
                 critic_loss = engine.loss_function(engine.critic(image, fake), engine.critic(image, label))
+            if not critic_loss.requires_grad:
+                break  # no critic parameter in the loss's graph (loss_layers "first"): nothing to ascend
             engine._backward(-critic_loss)
             engine._update(engine.critic_optimizer)
             if engine.clip:
@@ -196,13 +215,15 @@ class SegANTrainer(AlternatingTrainer):
         with engine._autocast():
             with torch.no_grad():
                 real_feats = critic(image, label)
-            adversarial = engine.loss_function(critic(image, pred), real_feats)
+            terms = engine.loss_function.terms(critic(image, pred), real_feats)
+            adversarial = terms.sum()
             loss = adversarial
             if engine.dice_weight:
                 loss = loss + engine.dice_weight * engine.dice_loss(pred.float(), label.float())
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[ADVERSARIAL_LOSS] = adversarial.detach()
         engine.state.output[CRITIC_LOSS] = critic_loss.detach()
+        engine.state.output[LOSS_TERMS] = terms.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine._backward(loss)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -397,3 +418,41 @@ class MoeskopsTrainer(AlternatingTrainer):
         engine.state.output[ADVERSARIAL_LOSS] = adversarial.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+class LossShareLogger:
+    """Log, every epoch, which share of the adversarial loss each critic layer carried (per region).
+
+    Sums the trainer's ``loss_terms`` output over the epoch and logs one line per critic, e.g.
+    ``whole_tumor: 0.41 0.27 0.19 0.13`` for layers 0 (the masked input) to 3. A loss carried almost wholly
+    by layer 0 means the critics have stopped shaping it (see ``clip_params``). The last epoch's shares are
+    kept in ``engine.state.loss_shares`` as ``{critic name: [share per layer]}``.
+
+    Args:
+        critic_names: one name per critic (the region names for S3-3C); default ``critic0, critic1, ...``.
+    """
+
+    def __init__(self, critic_names: Sequence[str] | None = None, name: str = "LossShareLogger") -> None:
+        self.critic_names = list(critic_names) if critic_names is not None else None
+        self.logger = logging.getLogger(name)
+        self._total: torch.Tensor | None = None
+
+    def attach(self, engine: Trainer) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, _engine: Trainer) -> None:
+        self._total = None
+
+    def _accumulate(self, engine: Trainer) -> None:
+        terms = engine.state.output[LOSS_TERMS].detach().float().cpu()
+        self._total = terms if self._total is None else self._total + terms
+
+    def __call__(self, engine: Trainer) -> None:
+        if self._total is None:
+            return
+        shares = self._total / self._total.sum().clamp_min(1e-12)
+        names = self.critic_names if self.critic_names and len(self.critic_names) == len(shares) else None
+        names = names or [f"critic{i}" if len(shares) > 1 else "critic" for i in range(len(shares))]
+        engine.state.loss_shares = {n: [round(float(v), 4) for v in row] for n, row in zip(names, shares)}
+        lines = "; ".join(f"{n}: " + " ".join(f"{v:.3f}" for v in row) for n, row in engine.state.loss_shares.items())
+        self.logger.info(f"Epoch {engine.state.epoch}: share of the adversarial loss per critic layer (0 = masked input): {lines}")

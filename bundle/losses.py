@@ -43,20 +43,35 @@ class MultiScaleL1Loss(nn.Module):
             return [feats[-1]]
         return [feats[i] for i in self.layers]
 
-    def single(self, pred_feats: Sequence[torch.Tensor], true_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Equation (3) for one critic."""
+    def layer_errors(self, pred_feats: Sequence[torch.Tensor], true_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``mean|f_i - g_i|`` of one critic's selected layers ``i``: the terms that equation (3) averages."""
         if len(pred_feats) != len(true_feats):
             raise ValueError(f"feature lists differ in length: {len(pred_feats)} vs {len(true_feats)}.")
         pairs = zip(self._select(pred_feats), self._select(true_feats))
-        return torch.stack([torch.mean(torch.abs(f.float() - g.float())) for f, g in pairs]).mean()
+        return torch.stack([torch.mean(torch.abs(f.float() - g.float())) for f, g in pairs])
+
+    def single(self, pred_feats: Sequence[torch.Tensor], true_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Equation (3) for one critic."""
+        return self.layer_errors(pred_feats, true_feats).mean()
+
+    def terms(
+        self, pred_feats: Sequence[Sequence[torch.Tensor]], true_feats: Sequence[Sequence[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Each (critic, layer)'s contribution to the loss, shape (critics, selected layers), summing to it.
+
+        What share of the loss each critic layer carries shows whether the adversarial part is alive: layer 0
+        (the masked input) has no trainable part, so a loss carried by it alone is an intensity-weighted L1.
+        """
+        if len(pred_feats) != len(true_feats) or not pred_feats:
+            raise ValueError(f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}.")
+        errors = torch.stack([self.layer_errors(f, g) for f, g in zip(pred_feats, true_feats)])
+        return errors / errors.numel()
 
     def forward(
         self, pred_feats: Sequence[Sequence[torch.Tensor]], true_feats: Sequence[Sequence[torch.Tensor]]
     ) -> torch.Tensor:
         """Average of equation (3) over the critics; each argument holds one feature list per critic."""
-        if len(pred_feats) != len(true_feats) or not pred_feats:
-            raise ValueError(f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}.")
-        return torch.stack([self.single(f, g) for f, g in zip(pred_feats, true_feats)]).mean()
+        return self.terms(pred_feats, true_feats).sum()
 
 
 class RegionBCEDiceLoss(nn.Module):

@@ -13,13 +13,21 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image"]
+__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image", "CLIP_PARAMS"]
+
+#: What the critic weight clamp bounds: every parameter, or the convolutions only (BN without affine).
+CLIP_PARAMS = ("all", "weights")
 
 _LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
-def _down_block(spatial_dims: int, in_channels: int, out_channels: int, norm: bool) -> Convolution:
-    """Conv 4x4 stride 2 (pad 1) -> [BN] -> LeakyReLU: one encoder level, halving each spatial size."""
+def _down_block(
+    spatial_dims: int, in_channels: int, out_channels: int, norm: bool, affine: bool = True
+) -> Convolution:
+    """Conv 4x4 stride 2 (pad 1) -> [BN] -> LeakyReLU: one encoder level, halving each spatial size.
+
+    ``affine=False`` gives a BatchNorm without learnable scale and shift (the critic's ``clip_params="weights"``).
+    """
     return Convolution(
         spatial_dims,
         in_channels,
@@ -28,7 +36,7 @@ def _down_block(spatial_dims: int, in_channels: int, out_channels: int, norm: bo
         kernel_size=4,
         padding=1,
         act=_LEAKY,
-        norm="batch" if norm else None,
+        norm=("batch", {"affine": affine}) if norm else None,
         bias=not norm,
     )
 
@@ -48,8 +56,9 @@ class SegANSegmentor(nn.Module):
 
     Encoder: ``len(features)`` blocks of Conv 4x4 stride 2 (the first without BatchNorm) with LeakyReLU.
     Decoder: the mirrored widths, each block a x2 resize and Conv 3x3 + BN + ReLU, then a last x2 resize and
-    Conv 3x3 to one map per region. The skip connections add the matching encoder output (``skip="add"``,
-    as the paper-faithful public re-implementation) or concatenate it (``skip="cat"``).
+    Conv 3x3 to one map per region. The U-net skip connections concatenate the matching encoder output
+    (``skip="cat"``, the default: the paper "follows the U-net", which concatenates, and so does the
+    authors' public code) or add it (``skip="add"``, a lighter variant with the same receptive field).
 
     Args:
         spatial_dims: 2 for the paper's slice network.
@@ -57,7 +66,7 @@ class SegANSegmentor(nn.Module):
         out_channels: one label map per region (the paper's S3: whole tumour, core, enhancing).
         features: encoder widths; the paper's grid search picked 4 levels of 64, 128, 256, 512.
         upsample: interpolation of the resize layers, ``"bilinear"`` or ``"nearest"``.
-        skip: ``"add"`` or ``"cat"``.
+        skip: ``"cat"`` (paper) or ``"add"``.
 
     Returns logits of shape (B, out_channels, H, W); H and W must be multiples of ``2 ** len(features)``.
     """
@@ -69,7 +78,7 @@ class SegANSegmentor(nn.Module):
         out_channels: int = 3,
         features: Sequence[int] = (64, 128, 256, 512),
         upsample: str = "bilinear",
-        skip: str = "add",
+        skip: str = "cat",
     ) -> None:
         super().__init__()
         if skip not in ("add", "cat"):
@@ -118,13 +127,23 @@ class SegANCritic(nn.Module):
 
     ``forward`` returns the hierarchical features the multi-scale L1 loss compares: the (masked) input
     itself as layer 0, then the output of every block, flattened per sample to (B, -1).
+
+    ``affine_norm=False`` drops BatchNorm's learnable scale and shift, so that clamping every parameter
+    clamps only convolution weights and biases (``clip_params="weights"``, see :class:`SegANCritics`).
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 3, features: Sequence[int] = (64, 128, 256)) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        features: Sequence[int] = (64, 128, 256),
+        affine_norm: bool = True,
+    ) -> None:
         super().__init__()
         widths = [in_channels, *features]
         self.blocks = nn.ModuleList(
-            _down_block(spatial_dims, widths[i], widths[i + 1], norm=i > 0) for i in range(len(features))
+            _down_block(spatial_dims, widths[i], widths[i + 1], norm=i > 0, affine=affine_norm)
+            for i in range(len(features))
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -151,6 +170,15 @@ class SegANCritics(nn.Module):
     all regions concatenated on channels. With one region both are the single-label SegAN (S1-1C).
 
     ``forward(image, maps)`` returns one feature list per critic.
+
+    ``clip_params`` says which parameters the weight clamp of section 2.3 bounds (:meth:`clamp_`):
+
+    * ``"all"``: every parameter, BatchNorm scale and shift included (the literal reading, and the authors'
+      public code). A clamped BN scale and shift bound each BN output near ``|gamma| + |beta|`` (about
+      0.02), so the deeper layers carry only a few percent of the multi-scale loss;
+    * ``"weights"``: the convolution weights and biases only; the critic's BatchNorm layers then have no
+      learnable scale and shift (they normalise to unit variance, which keeps the critic bounded without
+      flattening its features).
     """
 
     def __init__(
@@ -160,18 +188,23 @@ class SegANCritics(nn.Module):
         num_regions: int = 3,
         features: Sequence[int] = (64, 128, 256),
         mode: str = "per_region",
+        clip_params: str = "all",
     ) -> None:
         super().__init__()
         if mode not in ("per_region", "joint"):
             raise ValueError(f"critic mode must be 'per_region' (S3-3C) or 'joint' (S3-1C), got {mode!r}.")
+        if clip_params not in CLIP_PARAMS:
+            raise ValueError(f"clip_params must be one of {CLIP_PARAMS}, got {clip_params!r}.")
         self.mode = mode
         self.num_regions = num_regions
+        self.clip_params = clip_params
+        affine = clip_params == "all"
         if mode == "per_region":
             self.critics = nn.ModuleList(
-                SegANCritic(spatial_dims, in_channels, features) for _ in range(num_regions)
+                SegANCritic(spatial_dims, in_channels, features, affine) for _ in range(num_regions)
             )
         else:
-            self.critics = nn.ModuleList([SegANCritic(spatial_dims, in_channels * num_regions, features)])
+            self.critics = nn.ModuleList([SegANCritic(spatial_dims, in_channels * num_regions, features, affine)])
 
     def forward(self, image: torch.Tensor, maps: torch.Tensor) -> list[list[torch.Tensor]]:
         if maps.shape[1] != self.num_regions:
@@ -182,7 +215,8 @@ class SegANCritics(nn.Module):
         return [critic(masked[:, r]) for r, critic in enumerate(self.critics)]
 
     def clamp_(self, clip: float) -> None:
-        """Clamp every critic weight to [-clip, clip] (paper section 2.3, after WGAN)."""
+        """Clamp every critic parameter to [-clip, clip] (paper section 2.3, after WGAN); with
+        ``clip_params="weights"`` these are the convolution weights and biases only."""
         with torch.no_grad():
             for p in self.parameters():
                 p.clamp_(-clip, clip)

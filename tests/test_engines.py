@@ -1,10 +1,11 @@
 """The adversarial iteration plays the paper's min-max game (section 2.3)."""
 
+import numpy as np
 import pytest
 import torch
 from monai.engines.utils import IterationEvents
 
-from bundle.engines import CRITIC_LOSS, SegANTrainer
+from bundle.engines import CRITIC_LOSS, LOSS_TERMS, LossShareLogger, SegANTrainer
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import SegANCritics, SegANSegmentor
 
@@ -20,10 +21,10 @@ def _batch(seed=0):
     return {"image": image, "label": label}
 
 
-def _trainer(seg_lr=1e-3, critic_lr=1e-3, clip=0.05, epochs=1, iterations=1, device="cpu", **kwargs):
+def _trainer(seg_lr=1e-3, critic_lr=1e-3, clip=0.05, epochs=1, iterations=1, device="cpu", clip_params="all", **kwargs):
     torch.manual_seed(0)
     seg = SegANSegmentor(in_channels=2, out_channels=2, features=FEATURES).to(device)
-    critic = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16)).to(device)
+    critic = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16), clip_params=clip_params).to(device)
     trainer = SegANTrainer(
         device=device,
         max_epochs=epochs,
@@ -145,3 +146,77 @@ def test_amp_runs_the_segmentor_and_critic_in_half_precision_on_a_gpu():
     trainer.run()
     assert dtypes == {"segmentor": torch.float16, "critic": torch.float16}
     assert torch.isfinite(trainer.state.output["loss"]) and torch.isfinite(trainer.state.output[CRITIC_LOSS])
+
+
+@pytest.mark.parametrize("clip_params", ["all", "weights"])
+@pytest.mark.parametrize("layers", ["all", "first", "last", [0, 2]])
+def test_every_loss_layer_choice_and_clamp_choice_trains_one_iteration(layers, clip_params):
+    trainer = _trainer(critic_lr=10.0, clip=0.01, clip_params=clip_params, loss_function=MultiScaleL1Loss(layers))
+    before = [p.detach().clone() for p in trainer.critic.parameters()]
+    seg_before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    after = list(trainer.critic.parameters())
+    moved = any(not torch.equal(b, a) for b, a in zip(before, after))
+    # S3-3C-s0 compares only the masked inputs: no critic parameter is in its graph, so no critic step at all
+    assert moved == (layers != "first")
+    assert all(p.abs().max() <= 0.01 + 1e-8 for p in after) or layers == "first"
+    assert any(not torch.equal(b, a) for b, a in zip(seg_before, trainer.network.parameters()))
+    assert torch.isfinite(trainer.state.output["loss"])
+
+
+def test_weights_clamp_leaves_the_critic_batchnorm_without_scale_and_shift():
+    with_affine = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16), clip_params="all")
+    conv_only = SegANCritics(in_channels=2, num_regions=2, features=(4, 8, 16), clip_params="weights")
+    norms = [m for m in conv_only.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight is None and m.bias is None for m in norms)
+    assert all(p.dim() > 1 or "conv" in n for n, p in conv_only.named_parameters())
+    assert sum(p.numel() for p in with_affine.parameters()) > sum(p.numel() for p in conv_only.parameters())
+    with pytest.raises(ValueError, match="clip_params"):
+        SegANCritics(clip_params="bn")
+
+
+def test_layer_terms_sum_to_the_adversarial_loss_and_are_logged_per_region(caplog):
+    trainer = _trainer(iterations=2)
+    LossShareLogger(["whole", "core"]).attach(trainer)
+    with caplog.at_level("INFO"):
+        trainer.run()
+    terms = trainer.state.output[LOSS_TERMS]
+    assert terms.shape == (2, 4)  # 2 critics (regions) x 4 layers (masked input + 3 blocks)
+    torch.testing.assert_close(terms.sum(), trainer.state.output["adversarial_loss"])
+    shares = trainer.state.loss_shares
+    assert list(shares) == ["whole", "core"] and abs(sum(map(sum, shares.values())) - 1.0) < 1e-3
+    assert any("whole:" in r.getMessage() and "core:" in r.getMessage() for r in caplog.records)
+
+
+def _demo_slices(shape=(64, 64, 24), crop=32, slices=8):
+    """A few normalised axial slices of a synthetic BraTS-like case: real-looking tissue contrast and tumours."""
+    from bundle.demo import make_demo_case
+
+    images, label = make_demo_case(shape=shape, seed=0, index=1)
+    h0 = (shape[0] - crop) // 2
+    x = torch.tensor(np.stack([images[m] for m in ("t1c", "t2", "flair")]))[:, h0 : h0 + crop, h0 : h0 + crop]
+    x = torch.where(x > 0, (x - x[x > 0].mean()) / x[x > 0].std(), x)
+    lab = torch.tensor(label[h0 : h0 + crop, h0 : h0 + crop]).long()
+    y = torch.stack([torch.isin(lab, torch.tensor(v)) for v in ([1, 2, 4], [1, 4], [4])]).float()
+    z = torch.argsort(-y[0].sum((0, 1)))[:slices]  # the slices with the most tumour
+    return {"image": x[..., z].permute(3, 0, 1, 2).contiguous(), "label": y[..., z].permute(3, 0, 1, 2).contiguous()}
+
+
+@pytest.mark.parametrize("clip_params, deep_share", [("weights", 0.3), ("all", None)])
+def test_deeper_critic_layers_carry_the_loss_with_the_default_clamp(clip_params, deep_share):
+    """The issue's measurement in small: clamping BN too leaves ~94 % of the loss on layer 0 (the masked input)."""
+    batch = _demo_slices()
+    torch.manual_seed(0)
+    seg = SegANSegmentor(in_channels=3, out_channels=3, features=(16, 32, 64, 128))
+    critic = SegANCritics(in_channels=3, num_regions=3, features=(16, 32, 64), clip_params=clip_params)
+    trainer = SegANTrainer(
+        "cpu", 1, [batch] * 5, seg, critic,
+        torch.optim.RMSprop(seg.parameters(), lr=2e-5), torch.optim.RMSprop(critic.parameters(), lr=2e-5), clip=0.01,
+    )
+    trainer.run()
+    terms = trainer.state.output[LOSS_TERMS]
+    share_deep = float(terms[:, 1:].sum() / terms.sum())
+    if deep_share is None:
+        assert share_deep < 0.2  # the flattened loss of the literal reading
+    else:
+        assert share_deep > deep_share

@@ -36,8 +36,18 @@ def test_segmentor_decoder_resizes_then_3x3_convs_down_to_the_region_maps():
     assert len(head) == 1 and head[0].out_channels == 2
 
 
+def test_cat_skips_concatenate_the_matching_encoder_level_by_default():
+    net = SegANSegmentor(features=SMALL).eval()  # the paper's U-net skips (section 2.2)
+    seen = {}
+    net.encoder[0].register_forward_hook(lambda m, i, o: seen.setdefault("enc", o))
+    net.head.register_forward_pre_hook(lambda m, i: seen.setdefault("head_in", i[0]))
+    net.decoder[-1].register_forward_hook(lambda m, i, o: seen.setdefault("dec", o))
+    net(torch.randn(1, 3, 32, 32))
+    torch.testing.assert_close(seen["head_in"], torch.cat([seen["dec"], seen["enc"]], dim=1))
+
+
 def test_add_skips_sum_the_matching_encoder_level():
-    net = SegANSegmentor(features=SMALL).eval()
+    net = SegANSegmentor(features=SMALL, skip="add").eval()
     seen = {}
     net.encoder[0].register_forward_hook(lambda m, i, o: seen.setdefault("enc", o))
     net.head.register_forward_pre_hook(lambda m, i: seen.setdefault("head_in", i[0]))
