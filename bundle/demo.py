@@ -53,11 +53,14 @@ def _case_name(index: int) -> str:
     return f"Demo_{index:03d}"
 
 
-def _manifest_params(num_cases: int, shape, seed: int, difficulty: float = 0.0) -> dict:
-    return {
+def _manifest_params(num_cases: int, shape, seed: int, difficulty: float = 0.0, background_noise: float = 0.0) -> dict:
+    params = {
         "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed),
         "difficulty": float(difficulty),
     }
+    if background_noise:
+        params["background_noise"] = float(background_noise)
+    return params
 
 
 def _is_complete(output_dir: Path, params: dict) -> bool:
@@ -81,7 +84,13 @@ def _is_complete(output_dir: Path, params: dict) -> bool:
 
 
 def make_demo_dataset(
-    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False, difficulty: float = 0.0
+    output_dir,
+    num_cases: int = 16,
+    shape=(96, 96, 64),
+    seed: int = 0,
+    progress: bool = False,
+    difficulty: float = 0.0,
+    background_noise: float = 0.0,
 ) -> str:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
 
@@ -100,7 +109,7 @@ def make_demo_dataset(
             "or remove it first."
         )
     difficulty_settings(difficulty)  # checked before anything is written
-    params = _manifest_params(num_cases, shape, seed, difficulty)
+    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -109,13 +118,14 @@ def make_demo_dataset(
         cases = []
         start = time.perf_counter()
         for i in tqdm(range(int(num_cases)), desc="demo cases", unit="case", disable=not progress):
-            images, label = make_demo_case(shape, seed, i, difficulty)
+            images, label = make_demo_case(shape, seed, i, difficulty, background_noise)
             case = _case_name(i)
             (tmp / case).mkdir()
             for contrast, suffix in _FILE_SUFFIXES.items():
                 _save_nifti(images[contrast], affine, tmp / case / f"{case}_{suffix}.nii.gz")
             _save_nifti(label, affine, tmp / case / f"{case}_seg.nii.gz")
-            head = images["t1"] > 0
+            # the head (manifest statistics) is what is non-zero without the air's noise
+            head = (make_demo_case(shape, seed, i, difficulty)[0] if background_noise else images)["t1"] > 0
             cases.append({
                 "case": case,
                 "label_voxels": {str(v): int((label == v).sum()) for v in (1, 2, 4)},
@@ -160,7 +170,13 @@ def _move_into_place(tmp: Path, out: Path, params: dict) -> None:
 
 
 def ensure_demo_data(
-    output_dir, num_cases: int = 16, shape=(96, 96, 64), seed: int = 0, progress: bool = False, difficulty: float = 0.0
+    output_dir,
+    num_cases: int = 16,
+    shape=(96, 96, 64),
+    seed: int = 0,
+    progress: bool = False,
+    difficulty: float = 0.0,
+    background_noise: float = 0.0,
 ) -> str:
     """Return ``output_dir`` after making sure it holds the demo dataset for these parameters.
 
@@ -169,8 +185,14 @@ def ensure_demo_data(
     otherwise it is generated with :func:`make_demo_dataset`.
     """
     shape = check_shape(shape)
-    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty)):
+    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise)):
         make_demo_dataset(
-            output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=progress, difficulty=difficulty
+            output_dir,
+            num_cases=num_cases,
+            shape=shape,
+            seed=seed,
+            progress=progress,
+            difficulty=difficulty,
+            background_noise=background_noise,
         )
     return str(output_dir)

@@ -163,7 +163,7 @@ def _tumour(rng, shape, brain, head_center, head_radii, size: float = 1.0):
 
 
 def make_demo_case(
-    shape=(96, 96, 64), seed: int = 0, index: int = 0, difficulty: float = 0.0
+    shape=(96, 96, 64), seed: int = 0, index: int = 0, difficulty: float = 0.0, background_noise: float = 0.0
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Arrays of one synthetic case: ``({"t1", "t1c", "t2", "flair"} -> float32 (H, W, D), uint8 label)``.
 
@@ -171,6 +171,9 @@ def make_demo_case(
     (0 to 1, see ``DIFFICULTY_RANGE``) adds noise and bias, lowers the tumour's contrast and size and perturbs
     the labels at borders; at 0 the arrays are exactly those of the default demo. The extra label noise is
     drawn from its own generator, so the image draws are the same at every difficulty.
+    ``background_noise`` > 0 fills the air outside the head with Rician (Rayleigh) noise whose sigma is that
+    fraction of the case's mean head intensity (per contrast), as in scans that are not skull-stripped and
+    masked; 0 leaves the air at exactly 0, as in BraTS. The head and labels are the same either way.
     """
     shape = check_shape(shape)
     settings = difficulty_settings(difficulty)
@@ -241,6 +244,13 @@ def make_demo_case(
         image = np.sqrt((image + n_re) ** 2 + n_im**2)
         gain = _BASE_GAIN * rng.uniform(0.8, 1.25)
         images[contrast] = np.where(head, image * gain, 0.0).astype(np.float32)
+    if background_noise > 0:
+        # a stream of its own, so the head and labels are those of the noise-free case
+        air_rng = np.random.default_rng([int(seed), int(index), 1])
+        for contrast in images:
+            sigma = background_noise * float(images[contrast][head].mean())
+            n_re, n_im = air_rng.standard_normal((2, *shape), dtype=np.float32) * sigma
+            images[contrast] = np.where(head, images[contrast], np.sqrt(n_re**2 + n_im**2)).astype(np.float32)
     return images, label
 
 
