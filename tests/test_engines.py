@@ -190,7 +190,7 @@ def test_layer_terms_sum_to_the_adversarial_loss_and_are_logged_per_region(caplo
 
 def _demo_slices(shape=(64, 64, 24), crop=32, slices=8):
     """A few normalised axial slices of a synthetic BraTS-like case: real-looking tissue contrast and tumours."""
-    from bundle.demo import make_demo_case
+    from bundle.phantom import make_demo_case
 
     images, label = make_demo_case(shape=shape, seed=0, index=1)
     h0 = (shape[0] - crop) // 2

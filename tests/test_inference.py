@@ -15,8 +15,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.data import ITKWriter, NibabelWriter
-from monai.transforms import NormalizeIntensity
 
+from bundle.intensity import ForegroundNormalized
 from bundle.constants import MODALITIES, MSD_MODALITIES
 from bundle.datalist import inference_datalist
 from bundle.demo import make_demo_dataset
@@ -76,7 +76,7 @@ def _centre_start(size, roi):
 
 
 def _reference(demo_dir, case, spatial_fit, weights):
-    """The expected label map, computed without the bundle's pipeline: crop, normalise, pad, slices, undo.
+    """The expected label map, computed without the bundle's pipeline: normalise, crop, pad, slices, undo.
 
     Returns ``(label map, ambiguous, box)``: ``ambiguous`` marks voxels whose logits are within rounding of the
     threshold in some region, where a different batching of slices may legitimately flip the result; ``box``
@@ -85,15 +85,14 @@ def _reference(demo_dir, case, spatial_fit, weights):
     volumes = [nib.load(str(f)).get_fdata(dtype=np.float32) for f in _case_files(demo_dir, case)]
     image = np.stack([volumes[MODALITIES.index(m)] for m in ("t1c", "t2", "flair")])
     box = [slice(0, s) for s in SHAPE]
+    image = ForegroundNormalized("image").normalize(image)  # the whole volume, before any crop
     if spatial_fit == "crop":
         first = [slice(_centre_start(s, r), _centre_start(s, r) + r) for s, r in zip(SHAPE, CROP["crop_size"])]
-        image = np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True)(image[(slice(None), *first)]))
+        image = image[(slice(None), *first)]
         second_roi = [*CROP["patch_size"], CROP["crop_size"][2]]
         second = [slice(_centre_start(s, r), _centre_start(s, r) + r) for s, r in zip(image.shape[1:], second_roi)]
         image = image[(slice(None), *second)]
         box = [slice(a.start + b.start, a.start + b.stop) for a, b in zip(first, second)]
-    else:
-        image = np.asarray(NormalizeIntensity(nonzero=True, channel_wise=True)(image))
     # symmetric pad of the two in-plane axes to multiples of 16 (the tiny network has 4 levels)
     h, w = image.shape[1:3]
     pad_h, pad_w = -h % 16, -w % 16
