@@ -444,7 +444,10 @@ class LossShareLogger:
         self._total = None
 
     def _accumulate(self, engine: Trainer) -> None:
-        terms = engine.state.output[LOSS_TERMS].detach().float().cpu()
+        output = engine.state.output
+        if not isinstance(output, dict) or LOSS_TERMS not in output:
+            return  # a trainer without a multi-scale loss (an overlay's pixel-loss baseline): nothing to log
+        terms = output[LOSS_TERMS].detach().float().cpu()
         self._total = terms if self._total is None else self._total + terms
 
     def __call__(self, engine: Trainer) -> None:
