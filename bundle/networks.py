@@ -188,7 +188,7 @@ class SegANCritics(nn.Module):
         num_regions: int = 3,
         features: Sequence[int] = (64, 128, 256),
         mode: str = "per_region",
-        clip_params: str = "all",
+        clip_params: str = "weights",
     ) -> None:
         super().__init__()
         if mode not in ("per_region", "joint"):
