@@ -15,7 +15,7 @@ from helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
-VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s3", "unet", "context_2_5d")
+VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s0", "s3_3c_s3", "unet", "context_2_5d")
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
 
 
