@@ -138,6 +138,12 @@ def lock_folder(folder: str | os.PathLike, key: str = "state_dir") -> str:
     return folder
 
 
+def _losses(output):
+    if isinstance(output, dict):
+        return {k: v for k, v in output.items() if str(k).endswith("loss")}
+    return output
+
+
 class StopOnNonFiniteLoss(TerminateOnNan):
     """Stop training with an error at the first iteration whose loss is NaN or infinite.
 
@@ -147,11 +153,13 @@ class StopOnNonFiniteLoss(TerminateOnNan):
     last good state stays on disk to resume from.
 
     Args:
-        output_transform: picks the values to check from ``engine.state.output``, e.g. the losses.
+        output_transform: picks the values to check from ``engine.state.output``; by default every entry whose
+            key ends with ``loss`` (``loss``, ``critic_loss``, ``discriminator_loss``, ...), so one handler fits
+            every trainer of the bundle.
     """
 
-    def __init__(self, output_transform: Callable = lambda x: x) -> None:
-        super().__init__(output_transform=output_transform)
+    def __init__(self, output_transform: Callable | None = None) -> None:
+        super().__init__(output_transform=output_transform or _losses)
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)

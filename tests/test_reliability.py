@@ -120,6 +120,16 @@ def test_a_non_finite_loss_stops_training_naming_the_iteration_and_nothing_non_f
     assert not list((tmp_path / "checkpoints").glob("*.pt"))  # it failed before the first save: nothing at all
 
 
+@pytest.mark.parametrize("overlay", [None, "variants/unet.json", "moeskops/adversarial.json", "isic.json"])
+def test_every_training_config_stops_on_a_non_finite_loss_and_validates_its_last_epoch(overlay):
+    files = [TRAIN] + ([str(ROOT / "configs" / overlay)] if overlay else [])
+    parser = ConfigParser()
+    parser.read_config(files)
+    targets = [h.get("_target_") for h in parser.get("train#handlers") if isinstance(h, dict)]
+    assert "bundle.guards.StopOnNonFiniteLoss" in targets and "bundle.guards.ValidateAtEnd" in targets
+    assert "ValidationHandler" not in targets
+
+
 def test_non_finite_weights_are_refused_at_inference_naming_the_file(tmp_path, demo_dir):
     state = _network().state_dict()
     key = next(k for k, v in state.items() if v.is_floating_point())

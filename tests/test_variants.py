@@ -52,7 +52,7 @@ def test_critic_input_channels_per_variant(overlay, inputs):
 def test_unet_baseline_has_no_critic():
     parser = _parser("unet")
     assert "critic" not in parser.get("train#trainer")
-    assert set(parser.get("train#state_saver#save_dict")) == {"network", "optimizer", "trainer"}
+    assert set(parser.get("train#state_saver#save_dict")) == {"network", "optimizer", "trainer", "model_saver"}
 
 
 def test_s1_1c_is_one_single_map_segmentor_per_region():
