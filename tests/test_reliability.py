@@ -381,6 +381,19 @@ def test_an_output_dir_that_cannot_be_a_folder_fails_before_any_case_naming_the_
     assert _files(tmp_path) == ["taken"]
 
 
+def test_an_output_dir_that_cannot_be_written_is_named_at_start_up(tmp_path, monkeypatch):
+    from bundle import guards
+
+    def refused(*args, **kwargs):  # what a read-only folder answers (as root, permissions cannot make one)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(guards.tempfile, "TemporaryFile", refused)
+    with pytest.raises(PermissionError, match=rf"`output_dir` '{tmp_path}/new' cannot be written \('{tmp_path}': "
+                       r"Permission denied\): point --output_dir at a folder you can write to"):
+        guards.writable_folder(str(tmp_path / "new"), "output_dir")
+    assert not (tmp_path / "new").exists()
+
+
 # 7. label maps keep any valid input geometry ---------------------------------------------------------------------
 
 
