@@ -96,7 +96,9 @@ def trained_setting(
         settings = segmentor_settings(_load_state(path))
     except ValueError:  # weights of another network_def (an overlay's): nothing to read, the config decides
         return default
-    for key, expected, what in (("in_channels", in_channels, "modalities"), ("out_channels", out_channels, "regions")):
+    for key, expected, what in (
+        ("in_channels", in_channels, "modalities` and `context_slices"), ("out_channels", out_channels, "regions")
+    ):
         if expected is not None and settings[key] != int(expected):
             raise ValueError(
                 f"the segmentor in '{path}' has {settings[key]} {key.replace('_', ' ')} but the config gives "

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["OverlayFigure", "FIG3_COLORS"]
+__all__ = ["OverlayFigure", "TrainingCurves", "FIG3_COLORS"]
 
 #: Region colours of the SegAN paper's Fig. 3, in region order: whole tumour, tumour core, enhancing tumour.
 FIG3_COLORS = ("yellow", "blue", "red")
@@ -203,4 +203,78 @@ class OverlayFigure:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=self.dpi)
+        return buffer.getvalue()
+
+
+class TrainingCurves:
+    """At the end of training, a PNG of the loss curves and the validation Dice beside ``validation_metrics.json``.
+
+    Attached to the trainer: it averages each scalar of ``engine.state.output`` named in ``loss_keys`` over every
+    epoch (e.g. the segmentor's adversarial ``loss`` and the critics' ``critic_loss``), and when the run completes
+    reads the validation history that :class:`bundle.reports.ValidationHistory` writes and
+    draws two panels: losses per epoch, and every Dice of each validation (mean and per region). Rank 0 draws.
+
+    Args:
+        history_path: the ``validation_metrics.json`` of the run; the PNG goes beside it.
+        loss_keys: scalars of the trainer's output to plot.
+        filename: name of the PNG.
+    """
+
+    def __init__(self, history_path: str, loss_keys: Sequence[str] = ("loss", "critic_loss"),
+                 filename: str = "training_curves.png") -> None:
+        self.history_path = str(history_path)
+        self.loss_keys = [str(k) for k in ensure_tuple(loss_keys)]
+        self.output_path = os.path.join(os.path.dirname(self.history_path), filename)
+        self.epochs: dict[str, dict[int, list[float]]] = {k: {} for k in self.loss_keys}
+        self.logger = logging.getLogger("TrainingCurves")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        for key in self.loss_keys:
+            values = [float(torch.as_tensor(i[key]).float().mean()) for i in items if isinstance(i, Mapping) and key in i]
+            if values:
+                self.epochs[key].setdefault(int(engine.state.epoch), []).extend(values)
+
+    def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        history = []
+        if os.path.isfile(self.history_path):
+            import json
+
+            with open(self.history_path) as f:
+                history = json.load(f).get("history", [])
+        write_atomic(self.output_path, self._draw(history))
+        self.logger.info(f"training curves saved to {self.output_path}")
+
+    def _draw(self, history: list[dict]) -> bytes:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (losses, dice) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, per_epoch in self.epochs.items():
+            if per_epoch:
+                epochs = sorted(per_epoch)
+                losses.plot(epochs, [np.mean(per_epoch[e]) for e in epochs], marker=".", label=key)
+        losses.set(xlabel="epoch", ylabel="mean over the epoch's iterations", title="training losses")
+        metrics = sorted({k for h in history for k, v in h.items() if k != "epoch" and isinstance(v, (int, float))})
+        for metric in metrics:
+            points = [(h["epoch"], h[metric]) for h in history if isinstance(h.get(metric), (int, float))]
+            dice.plot(*zip(*points), marker="o", label=metric)
+        dice.set(xlabel="epoch", ylabel="Dice", title="validation", ylim=(0, 1))
+        for axis in (losses, dice):
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8)
+            axis.grid(alpha=0.3)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
         return buffer.getvalue()

@@ -88,6 +88,8 @@ class SegmentationReport:
         confusion_metrics: ``{metric name: confusion-matrix metric}`` for the metrics whose details hold raw
             confusion matrices (``ConfusionMatrix`` handlers), e.g. ``{"precision": "precision"}``: the
             handler's ``metric_name``, which its details do not record.
+        definitions: ``{metric name: how it is computed}``, written to the summary as ``"definitions"`` so a
+            reader knows e.g. which HD95 it is.
         name: name of the logger.
     """
 
@@ -100,8 +102,10 @@ class SegmentationReport:
         csv_name: str = "metrics_per_case.csv",
         summary_name: str = "metrics_summary.json",
         confusion_metrics: Mapping[str, str] | None = None,
+        definitions: Mapping[str, str] | None = None,
         name: str = "SegmentationReport",
     ) -> None:
+        self.definitions = dict(definitions or {})
         self.output_dir = str(output_dir)
         self.region_names = [str(r) for r in ensure_tuple(region_names)]
         if not self.region_names:
@@ -162,6 +166,8 @@ class SegmentationReport:
 
         self._write_csv(cases, values)
         report = {"num_cases": int(num_cases), "metrics": summary}
+        if self.definitions:
+            report["definitions"] = self.definitions
         write_atomic(
             os.path.join(self.output_dir, self.summary_name),
             (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),

@@ -75,3 +75,17 @@ def test_metadata_calls_the_outputs_logits():
     pred_classes = json.loads(META.read_text())["pred_classes"]
     assert "logits" in pred_classes and "sigmoid, then threshold 0.5" in pred_classes
     assert "probabilit" not in pred_classes.split("(")[0]
+
+
+def test_model_card_parameter_counts_are_the_networks():
+    """docs/README.md's parameter counts, recomputed from the code at the paper's widths."""
+    from bundle.networks import SegANCritics
+
+    card = (ROOT / "docs" / "README.md").read_text()
+
+    def millions(module):
+        return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
+
+    assert f'`"add"` sums instead, {millions(SegANSegmentor(skip="add"))} parameters' in card
+    assert f'{millions(SegANSegmentor(skip="cat"))} parameters. Input sizes' in card
+    assert f"({millions(SegANCritics())} parameters for 3 critics)" in card

@@ -177,4 +177,4 @@ def test_monai_bundle_load_refuses_weights_it_could_only_load_in_part(packaged, 
     torch.save(SegANSegmentor(in_channels=4, features=FEATURES).state_dict(), model)  # all four modalities
     got = _python(LOAD, tmp_path / "bundles", "segan", model, cwd=tmp_path)
     assert got.returncode != 0
-    assert "has 4 in channels but the config gives 3 (from `modalities`)" in got.stderr
+    assert "has 4 in channels but the config gives 3 (from `modalities` and `context_slices`)" in got.stderr
