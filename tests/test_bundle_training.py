@@ -32,7 +32,7 @@ def test_training_writes_flat_segmentor_weights_metrics_and_training_state(tmp_p
     assert all(isinstance(v, torch.Tensor) for v in weights.values())  # a flat state dict, no "model" key
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"features": TINY["features"]})
+    parser.update({"features": TINY["features"], "bundle_root": str(tmp_path)})
     parser.get_parsed_content("network_def").load_state_dict(weights)
 
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
@@ -132,7 +132,7 @@ def test_paper_pipeline_trains_from_a_brats2015_mha_folder(tmp_path):
     # the MetaImage cases load as 3 channels and 3 nested regions (label 3 joins whole tumour and core)
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({**TINY, "dataset_dir": str(data)})
+    parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(data)})
     case = parser.get_parsed_content("validate#dataset")[0]
     assert case["image"].shape[0] == 3 and case["label"].shape[0] == 3
     whole, core, enhancing = case["label"].bool()

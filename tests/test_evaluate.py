@@ -60,15 +60,17 @@ def _pass_through_root(tmp_path):
 
 
 def _write_case(folder, case, label, predicted):
-    """A BraTS 2018-2021 case: ``label`` as ``_seg``; t1c, t2, flair bright (2) where regions 0, 1, 2 are predicted.
+    """A BraTS 2018-2021 case: ``label`` as ``_seg``; t1c, t2, flair bright (12) where regions 0, 1, 2 are predicted.
 
-    Every modality is 1 in a head box around the tumour and 0 outside it: after the nonzero normalisation the
+    Every modality is 10 in a head box around the tumour and 0.05 outside it (so the normalisation's head mask,
+    a log-intensity Otsu cut, is the box): after the normalisation over the head the
     bright voxels are positive and the rest of the head negative, so the pass-through logits ``100 x - 1`` are
     positive exactly on ``predicted[r]`` (and -1 on the zero background).
     """
-    head = np.zeros(SHAPE, np.float32)
-    head[3:-3, 3:-3, 2:-2] = 1.0
-    channels = {"t1": head, "t1ce": head + predicted[0], "t2": head + predicted[1], "flair": head + predicted[2]}
+    head = np.full(SHAPE, 0.05, np.float32)  # the air: a faint noise floor, far below the head in log intensity
+    head[3:-3, 3:-3, 2:-2] = 10.0
+    bright = [2.0 * p for p in predicted]
+    channels = {"t1": head, "t1ce": head + bright[0], "t2": head + bright[1], "flair": head + bright[2]}
     (folder / case).mkdir(parents=True)
     for suffix, volume in {**channels, "seg": label}.items():
         image = nib.Nifti1Image(volume.astype(np.uint8 if suffix == "seg" else np.float32), AFFINE)
