@@ -1,4 +1,5 @@
-"""Inference pieces MONAI lacks: slice inference over an input that may hold no slice at all."""
+"""Inference pieces MONAI lacks: slice inference over an input that may hold no slice at all, and the segmentor
+run by onnxruntime."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 from monai.inferers import SliceInferer
 
-__all__ = ["ForegroundSliceInferer"]
+__all__ = ["ForegroundSliceInferer", "OnnxRuntimeNetwork"]
 
 
 class ForegroundSliceInferer(SliceInferer):
@@ -29,3 +30,45 @@ class ForegroundSliceInferer(SliceInferer):
         if 0 in inputs.shape[2:]:
             return torch.zeros((inputs.shape[0], self.out_channels, *inputs.shape[2:]), device=inputs.device)
         return super().__call__(inputs, network, *args, **kwargs)
+
+
+class OnnxRuntimeNetwork(torch.nn.Module):
+    """The segmentor exported to ONNX (``models/model.onnx``), run by onnxruntime, called like the PyTorch module.
+
+    The inference config swaps it in for ``network`` with ``backend: onnxruntime``: pre- and post-processing and
+    the inferer stay the same; only the network's forward pass runs in onnxruntime (its CPU provider, or CUDA
+    where onnxruntime-gpu and a GPU are present). The model needs dynamic batch, height and width axes, as
+    the README's ``onnx_export`` command writes it.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: onnxruntime intra-op threads; ``None``: ``torch.get_num_threads()``.
+    """
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        super().__init__()
+        import os
+
+        from monai.utils import optional_import
+
+        ort, has_ort = optional_import("onnxruntime")
+        if not has_ort:
+            raise ImportError("backend 'onnxruntime' needs onnxruntime: pip install onnxruntime (or the 'onnx' extra).")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no ONNX model at '{path}': export one with `python -m monai.bundle onnx_export network_def "
+                "--filepath models/model.onnx ...` (README, 'Export'), or set --onnx_path."
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        if not torch.cuda.is_available():
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().contiguous().numpy()
+        (out,) = self.session.run(None, {self.input_name: array})[:1]
+        return torch.as_tensor(out, device=x.device)
