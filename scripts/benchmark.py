@@ -190,7 +190,7 @@ def _write_brats_like_case(folder: str, frame=BRATS_FRAME, head=BRATS_HEAD) -> s
     """A demo case in BraTS 2018-2021 layout, its head placed in a frame of zeros as a brain sits in BraTS."""
     import nibabel as nib
 
-    from bundle.demo import make_demo_case
+    from bundle.phantom import make_demo_case
 
     case = "BraTSLike_000"
     path = os.path.join(folder, case)
@@ -500,6 +500,8 @@ def _table(results: dict) -> str:
         d = results["data"]
         rows.append(("data pipeline, cached: slices/s", f"{d['cached']['slices_per_s']:.0f}"))
         rows.append(("data pipeline, reload per slice: slices/s", f"{d['naive']['slices_per_s']:.0f}"))
+    if "data_over_training" in results:
+        rows.append(("data pipeline / paper-width training slices/s", f"{results['data_over_training']:.0f}x"))
     if "inference" in results:
         i = results["inference"]
         for v in INFERENCE_VARIANTS:
@@ -563,7 +565,7 @@ def benchmark(
     output = output if os.path.isabs(output) else os.path.join(ROOT, output)
     work_dir = work_dir if os.path.isabs(work_dir) else os.path.join(ROOT, work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    skip = skip or _parser(TRAIN, {}).get("network_def#skip")
+    skip = skip or _parser(TRAIN, {}).get_parsed_content("network_def#skip")
     tiny = {"features": [4, 8, 16, 32], "critic_features": [4, 8, 16]}
     paper = tiny if quick else PAPER_WIDTHS
     demo = tiny if quick else DEMO_WIDTHS
@@ -581,6 +583,8 @@ def benchmark(
         print("data pipeline", flush=True)
         shape, crop, patch = ((48, 48, 24), (48, 48, 24), (32, 32)) if quick else ((192, 192, 128), (180, 180, 128), (160, 160))
         results["data"] = data_pipeline(work_dir, 2 if quick else 40, 0, shape, crop, patch, cases=2 if quick else 4)
+    if "data" in results and "training" in results:  # does loading keep up with the paper-width trainer?
+        results["data_over_training"] = results["data"]["cached"]["slices_per_s"] / results["training"]["paper"]["slices_per_s"]
     if "inference" in sections:
         print("inference: one case per process, variants interleaved", flush=True)
         frame, head = ((64, 64, 28), (48, 52, 24)) if quick else (BRATS_FRAME, BRATS_HEAD)
