@@ -54,3 +54,19 @@ def test_progress_bar_replaces_the_log_line_per_iteration(progress):
     engine = SimpleNamespace(state=SimpleNamespace(epoch_length=3))
     logged = [i for i in range(1, 7) if (iteration_log(engine, i) if callable(iteration_log) else iteration_log)]
     assert logged == ([3, 6] if progress else [1, 2, 3, 4, 5, 6])
+
+
+def test_mlflow_tracking_logs_losses_and_validation_dice(tmp_path):
+    """``--tracking configs/mlflow.json``: MONAI's bundle tracking, with a trainer handler that reads this trainer's losses."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (heavy; not in the test extra)")
+    import mlflow
+    from monai.utils import path_to_sqlite_uri
+
+    data = tmp_path / "data"
+    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
+    run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(data),
+        tracking=str(ROOT / "configs" / "mlflow.json"), **TINY)
+    client = mlflow.tracking.MlflowClient(tracking_uri=path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
+    (run_info,) = client.search_runs([client.get_experiment_by_name("segan").experiment_id])
+    assert {"loss", "adversarial_loss", "critic_loss", "val_mean_dice", "val_dice_whole_tumor"} <= set(run_info.data.metrics)
+    assert [m.step for m in client.get_metric_history(run_info.info.run_id, "val_mean_dice")] == [1, 2]
