@@ -151,6 +151,7 @@ class SaveCaseImaged(SaveImaged):
         dtype = self.saver.init_kwargs.get("output_dtype") or array.dtype
         header = reference.header.copy()
         header.set_data_dtype(dtype)
-        header.set_slope_inter(None, None)  # the source's intensity scaling does not apply to labels
+        header.set_slope_inter(None, None)  # the source's intensity scaling and display range do not apply
+        header["cal_min"], header["cal_max"] = 0, 0
         nib.save(nib.Nifti1Image(array.astype(dtype), None, header), path)
         return True
