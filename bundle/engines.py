@@ -205,6 +205,7 @@ class SegANTrainer(AlternatingTrainer):
                 break  # no critic parameter in the loss's graph (loss_layers "first"): nothing to ascend
             engine._backward(-critic_loss)
             engine._update(engine.critic_optimizer)
+            engine._end_updates()  # a gradient scaler steps an optimiser at most once per update()
             if engine.clip:
                 critic.clamp_(engine.clip)
 

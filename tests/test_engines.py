@@ -220,3 +220,20 @@ def test_deeper_critic_layers_carry_the_loss_with_the_default_clamp(clip_params,
         assert share_deep < 0.2  # the flattened loss of the literal reading
     else:
         assert share_deep > deep_share
+
+
+def test_several_critic_steps_go_through_one_gradient_scaler():
+    """With amp, each critic step is followed by a scaler update (a scaler refuses a second step() before update()).
+
+    A CPU gradient scaler stands in for the CUDA one that ``amp=True`` creates on a GPU."""
+    from ignite.engine import Events
+
+    trainer = _trainer(amp=True, iterations=2, critic_steps=2)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _cpu_scaler(engine):
+        if not isinstance(engine.scaler, torch.amp.GradScaler) or engine.scaler._device != "cpu":
+            engine.scaler = torch.amp.GradScaler("cpu")
+
+    trainer.run()
+    assert trainer.scaler.get_scale() > 0

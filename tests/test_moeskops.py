@@ -146,3 +146,17 @@ def test_discriminator_patches_must_fit_the_training_images():
     trainer.data_loader = [_batch(size=20)]
     with pytest.raises(ValueError, match="discriminator_patch_size"):
         trainer.run()
+
+
+def test_the_three_updates_go_through_one_gradient_scaler():
+    """With amp, Ls and La both step the segmenter's optimiser: the scaler is updated in between."""
+    from ignite.engine import Events
+
+    trainer = _trainer(amp=True)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _cpu_scaler(engine):  # a CPU scaler stands in for the CUDA one amp=True creates on a GPU
+        engine.scaler = torch.amp.GradScaler("cpu")
+
+    trainer.run()
+    assert trainer.state.output["adversarial_loss"].isfinite()
