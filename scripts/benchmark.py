@@ -27,6 +27,7 @@ Examples::
 
     python scripts/benchmark.py                       # the full run (about 5-10 minutes on 2 CPU cores)
     python scripts/benchmark.py --quick true          # seconds: tiny sizes, to check that it runs
+    python scripts/benchmark.py --report eval/benchmark.json   # the table of an earlier run
     python scripts/benchmark.py --device cuda --threads 16 --train_batch 64
 """
 
@@ -221,14 +222,14 @@ def data_pipeline(work_dir: str, batches: int, num_workers: int, shape, crop_siz
         }
         parser = _parser(TRAIN, overrides)
         per_batch = parser.get_parsed_content("slices_per_volume") * parser.get_parsed_content("volumes_per_batch")
-        if name == "naive":  # the same batch in slices, each slice from a fresh load of its volume
-            parser.update({"train#dataset#_target_": "Dataset", "slices_per_volume": 1, "volumes_per_batch": per_batch})
+        if name == "naive":  # each slice from a fresh load of its volume (8 a batch: the rate is per slice)
+            parser.update({"train#dataset#_target_": "Dataset", "slices_per_volume": 1, "volumes_per_batch": min(per_batch, 8)})
             for key in ("cache_rate", "num_workers", "copy_cache"):
                 parser["train"]["dataset"].pop(key, None)
         loader = parser.get_parsed_content("train#dataloader")  # a CacheDataset fills its cache here, untimed
         stream = _forever(loader)
         next(stream)  # warm-up: worker start-up
-        count, n = 0, batches if name == "cached" else max(2, batches // 4)
+        count, n = 0, batches if name == "cached" else 1
         with Clock() as clock:
             for _ in range(n):
                 count += next(stream)["image"].shape[0]
@@ -528,8 +529,7 @@ def _table(results: dict) -> str:
         for r in results["scaling"]["rows"]:
             rows.append((f"scaling {r['axis']}: batch {r['batch']}, {r['size']}x{r['size']}, {r['regions']} regions",
                          f"{r['cpu_ms_per_slice']:.1f} CPU-ms per slice"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+    return "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows[1:]])
 
 
 def benchmark(
@@ -539,7 +539,7 @@ def benchmark(
     device: str = "cpu",
     threads: int = 2,
     repeats: int = 3,
-    train_batch: int = 4,
+    train_batch: int = 2,
     skip: str | None = None,
     compile: bool = False,
     inference_repeats: int = 1,
@@ -576,13 +576,13 @@ def benchmark(
     if "training" in sections:
         print("training: trainer vs plain loop, interleaved", flush=True)
         results["training"] = {
-            "demo": training(demo, 4 if quick else 32, 32 if quick else 64, 2 if quick else 5, repeats, device, skip),
+            "demo": training(demo, 4 if quick else 16, 32 if quick else 64, 2, repeats, device, skip),
             "paper": training(paper, 2 if quick else train_batch, 32 if quick else 160, 1, repeats, device, skip),
         }
     if "data" in sections:
         print("data pipeline", flush=True)
         shape, crop, patch = ((48, 48, 24), (48, 48, 24), (32, 32)) if quick else ((192, 192, 128), (180, 180, 128), (160, 160))
-        results["data"] = data_pipeline(work_dir, 2 if quick else 40, 0, shape, crop, patch, cases=2 if quick else 4)
+        results["data"] = data_pipeline(work_dir, 2 if quick else 20, 0, shape, crop, patch, cases=2 if quick else 4)
     if "data" in results and "training" in results:  # does loading keep up with the paper-width trainer?
         results["data_over_training"] = results["data"]["cached"]["slices_per_s"] / results["training"]["paper"]["slices_per_s"]
     if "inference" in sections:
@@ -605,12 +605,12 @@ def benchmark(
             results["inference_peak_fraction"] = flops_full / i["full_frame"]["cpu_s"] / peak
     if "options" in sections:
         print("speed options", flush=True)
-        results["options"] = options(demo if quick else paper, 2 if quick else 4, 32 if quick else 160, threads,
+        results["options"] = options(demo if quick else paper, 2, 32 if quick else 160, threads,
                                      repeats, device, skip, compile)
     if "scaling" in sections:
         print("scaling", flush=True)
         results["scaling"] = scaling([2] if quick else [8, 16, 32], [32] if quick else [32, 64, 128],
-                                     [1] if quick else [1, 3, 5], 1 if quick else 2, device, skip)
+                                     [1] if quick else [1, 3, 5], 1, device, skip)
     results["seconds"] = time.perf_counter() - start
     results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(_table(results))
@@ -634,8 +634,13 @@ def _segmentor_flops(widths: dict, skip: str, size) -> float:
     return counter.get_total_flops()
 
 
-def main(worker: str | None = None, **kwargs) -> None:
-    """Command-line entry: see :func:`benchmark` (``--worker`` is internal: one inference variant)."""
+def main(worker: str | None = None, report: str | None = None, **kwargs) -> None:
+    """Command-line entry: see :func:`benchmark`; ``--report <json>`` prints the table of an earlier run
+    (``--worker`` is internal: one inference variant)."""
+    if report is not None:
+        with open(report, encoding="utf-8") as f:
+            print(_table(json.load(f)))
+        return
     if worker is not None:
         print(json.dumps(_worker(json.loads(worker) if isinstance(worker, str) else worker)))
         return
