@@ -23,9 +23,7 @@ from .networks import SegANCritics
 __all__ = [
     "AlternatingTrainer",
     "SegANTrainer",
-    "MoeskopsTrainer",
     "LossShareLogger",
-    "DISCRIMINATOR_LOSS",
     "CRITIC_LOSS",
     "ADVERSARIAL_LOSS",
     "LOSS_TERMS",
@@ -35,8 +33,6 @@ __all__ = [
 CRITIC_LOSS = "critic_loss"
 #: Engine output key of the segmentor's adversarial term (``CommonKeys.LOSS`` also holds the Dice term).
 ADVERSARIAL_LOSS = "adversarial_loss"
-#: Engine output key of the Moeskops discriminator's loss on manual segmentations (Ld).
-DISCRIMINATOR_LOSS = "discriminator_loss"
 #: Engine output key of each (critic, layer)'s contribution to the adversarial loss, shape (critics, layers),
 #: summing to it (``MultiScaleL1Loss.terms``): per region with S3-3C, whether the deeper layers carry any of it.
 LOSS_TERMS = "loss_terms"
@@ -235,190 +231,6 @@ class SegANTrainer(AlternatingTrainer):
         return engine.state.output
 
 
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward; the gradient flowing back is multiplied by ``-weight`` (gradient reversal)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
-        ctx.weight = weight
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.weight * grad, None
-
-
-class MoeskopsTrainer(AlternatingTrainer):
-    """A segmentation network trained against a classic discriminator (Moeskops et al. 2017, section 2.3).
-
-    Each iteration performs the paper's three updates in turn, each on its own third of the batch (the
-    paper splits minibatches of 300 into 3 x 100; a batch of fewer than 3 is used whole by each):
-
-    1. **Ls**: the segmentation network descends the cross-entropy of its softmax against the one-hot
-       manual segmentation (``optimizer``);
-    2. **Ld**: the discriminator descends its loss on manual segmentations, i.e. learns to call (image patch,
-       one-hot manual patch) pairs ``MANUAL`` (``discriminator_optimizer``);
-    3. **La**: the whole network is updated on the discriminator's loss with the image as input: the
-       discriminator descends it, learning to call (image patch, softmax patch) pairs ``GENERATED``, and the
-       segmentation network *ascends* it through a gradient reversal (scaled by ``adversarial_weight``),
-       so that its segmentations look manual to the discriminator.
-
-    Segmentation and discriminator updates use separate optimisers with separate learning rates (the
-    paper: RMSProp, 1e-3 and 1e-5). The discriminator sees ``patches_per_image`` random patches of each
-    image and segmentation (``discriminator.patch_size`` pixels, the image patch ``image_margin`` wider on
-    each side), so the segmentation network can train on whole slices.
-
-    The engine output holds ``image``, ``label``, ``pred`` (the Ls third's class probabilities), ``loss``
-    (Ls), ``discriminator_loss`` (Ld) and ``adversarial_loss`` (La); the iteration events fire for the Ls
-    update as in ``SupervisedTrainer``, and model completed after all three.
-
-    Args:
-        device: where the networks run.
-        max_epochs: epochs to train.
-        train_data_loader: yields ``image`` (B, channels, H, W) and one-hot ``label`` (B, C, H, W).
-        network: the segmentation network (returns logits over C classes).
-        discriminator: ``MoeskopsDiscriminator`` (possibly wrapped in ``DistributedDataParallel``).
-        optimizer: the segmentation network's optimiser (Ls and the La ascent).
-        discriminator_optimizer: the discriminator's optimiser (Ld and the La descent).
-        loss_function: the segmentation loss; default ``torch.nn.CrossEntropyLoss()`` (one-hot targets).
-        adversarial_weight: scale of the reversed gradient reaching the segmentation network in La (1 = the paper).
-        patches_per_image: discriminator patches drawn from each image of the Ld and La thirds.
-        other arguments: as ``monai.engines.SupervisedTrainer``.
-    """
-
-    def __init__(
-        self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Iterable,
-        network: torch.nn.Module,
-        discriminator: torch.nn.Module,
-        optimizer: Optimizer,
-        discriminator_optimizer: Optimizer,
-        loss_function: Callable | None = None,
-        adversarial_weight: float = 1.0,
-        patches_per_image: int = 1,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
-        iteration_update: Callable | None = None,
-        postprocessing: Callable | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = False,
-        optim_set_to_none: bool = True,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
-    ) -> None:
-        if patches_per_image < 1:
-            raise ValueError(f"patches_per_image must be >= 1, got {patches_per_image}.")
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
-        )
-        self.network = network
-        self.discriminator = discriminator
-        self.optimizer = optimizer
-        self.discriminator_optimizer = discriminator_optimizer
-        self.loss_function = torch.nn.CrossEntropyLoss() if loss_function is None else loss_function
-        self.verdict_loss = torch.nn.CrossEntropyLoss()
-        self.adversarial_weight = adversarial_weight
-        self.patches_per_image = patches_per_image
-        self.optim_set_to_none = optim_set_to_none
-
-    def _patches(self, image: torch.Tensor, segmentation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``patches_per_image`` random (image, segmentation) patch pairs of each image, as the discriminator takes them."""
-        disc = _unwrap(self.discriminator)
-        size, margin = disc.patch_size, disc.image_margin
-        side = size + 2 * margin
-        height, width = image.shape[-2:]
-        if height < side or width < side:
-            raise ValueError(
-                f"training images of {height}x{width} are smaller than the discriminator's {side}x{side} image "
-                "patch: lower `discriminator_patch_size` or train on larger patches."
-            )
-        n = self.patches_per_image
-        tops = torch.randint(0, height - side + 1, (image.shape[0], n)).tolist()
-        lefts = torch.randint(0, width - side + 1, (image.shape[0], n)).tolist()
-        images, segs = [], []
-        for b in range(image.shape[0]):
-            for y, x in zip(tops[b], lefts[b]):
-                images.append(image[b, :, y : y + side, x : x + side])
-                segs.append(segmentation[b, :, y + margin : y + margin + size, x + margin : x + margin + size])
-        return torch.stack(images), torch.stack(segs)
-
-    def _verdict_loss(self, image: torch.Tensor, segmentation: torch.Tensor, verdict: int) -> torch.Tensor:
-        """The discriminator's cross-entropy for calling every patch pair ``verdict``."""
-        logits = self.discriminator(*self._patches(image, segmentation))
-        return self.verdict_loss(logits.float(), torch.full((logits.shape[0],), verdict, device=logits.device))
-
-    def _iteration(self, engine: MoeskopsTrainer, batchdata: dict[str, Any]) -> dict:
-        image, label = engine._prepare(batchdata)
-        thirds = torch.arange(image.shape[0]).tensor_split(3) if image.shape[0] >= 3 else [slice(None)] * 3
-        (seg_image, seg_label), (man_image, man_label), (adv_image, _) = ((image[i], label[i]) for i in thirds)
-        engine.network.train()
-        engine.discriminator.train()
-        disc = _unwrap(engine.discriminator)
-
-        # Ls: the segmentation network descends the cross-entropy
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
-            logits = engine.network(seg_image)
-            loss = engine.loss_function(logits.float(), seg_label.float())
-        engine.state.output = {Keys.IMAGE: seg_image, Keys.LABEL: seg_label, Keys.PRED: torch.softmax(logits.detach(), 1)}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine._backward(loss)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine._update(engine.optimizer)
-        engine._end_updates()  # a gradient scaler steps each optimiser at most once per update()
-
-        # Ld: the discriminator learns to call manual segmentations MANUAL
-        engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
-            discriminator_loss = engine._verdict_loss(man_image, man_label, disc.MANUAL)
-        engine._backward(discriminator_loss)
-        engine._update(engine.discriminator_optimizer)
-        engine._end_updates()
-
-        # La: the discriminator descends its loss on generated segmentations, the segmenter ascends it
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
-            generated = torch.softmax(engine.network(adv_image).float(), 1)
-            reversed_generated = _ReverseGradient.apply(generated, engine.adversarial_weight)
-            adversarial = engine._verdict_loss(adv_image, reversed_generated, disc.GENERATED)
-        engine._backward(adversarial)
-        engine._update(engine.optimizer)
-        engine._update(engine.discriminator_optimizer)
-        engine._end_updates()
-
-        engine.state.output[DISCRIMINATOR_LOSS] = discriminator_loss.detach()
-        engine.state.output[ADVERSARIAL_LOSS] = adversarial.detach()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
 class LossShareLogger:
     """Log, every epoch, which share of the adversarial loss each critic layer carried (per region).
 

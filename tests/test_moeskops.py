@@ -4,7 +4,8 @@ three alternating updates Ls, Ld, La (section 2.3)."""
 import pytest
 import torch
 
-from bundle.engines import ADVERSARIAL_LOSS, DISCRIMINATOR_LOSS, MoeskopsTrainer
+from bundle.engines import ADVERSARIAL_LOSS
+from bundle.moeskops import DISCRIMINATOR_LOSS, MoeskopsTrainer
 from bundle.moeskops import MoeskopsDilatedNet, MoeskopsDiscriminator, MoeskopsFCN
 
 
