@@ -331,7 +331,7 @@ class _NotWeights:
 
 
 def test_an_image_and_its_label_on_different_grids_are_named(tmp_path, demo_dir):
-    from bundle.transforms import LoadCaseImaged
+    from bundle.loading import LoadCaseImaged
 
     case = _copy_case(demo_dir, "Demo_002", tmp_path)
     seg = case / "Demo_002_seg.nii.gz"
