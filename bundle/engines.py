@@ -50,6 +50,52 @@ class AlternatingTrainer(Trainer):
     one gradient scaler for all updates, and the batch preparation of ``SupervisedTrainer``.
     """
 
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = True,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        """Takes ``SupervisedTrainer``'s arguments (``train_data_loader``, ``key_train_metric``,
+        ``train_handlers``, ``optim_set_to_none``, ...) and hands them to ``Trainer`` under its own names."""
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.optim_set_to_none = optim_set_to_none
+
     def _prepare(self, batchdata: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's image and label on the engine's device; starts ``state.output`` with both."""
         if batchdata is None:
@@ -127,47 +173,13 @@ class SegANTrainer(AlternatingTrainer):
         clip: float | None = 0.01,
         dice_weight: float = 0.0,
         critic_steps: int = 1,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
-        iteration_update: Callable | None = None,
-        postprocessing: Callable | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = False,
-        optim_set_to_none: bool = True,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
     ) -> None:
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}.")
         if dice_weight < 0:
             raise ValueError(f"dice_weight must be >= 0, got {dice_weight}.")
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
-        )
+        super().__init__(device, max_epochs, train_data_loader, **trainer_kwargs)
         self.network = network
         self.critic = critic
         self.optimizer = optimizer
@@ -177,7 +189,6 @@ class SegANTrainer(AlternatingTrainer):
         self.dice_weight = dice_weight
         self.dice_loss = DiceLoss(sigmoid=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.critic_steps = critic_steps
-        self.optim_set_to_none = optim_set_to_none
 
     def _iteration(self, engine: SegANTrainer, batchdata: dict[str, Any]) -> dict:
         image, label = engine._prepare(batchdata)

@@ -16,11 +16,11 @@ layer. Convolutions keep their bias so the trainable weights and biases count ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Convolution
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
@@ -246,45 +246,11 @@ class MoeskopsTrainer(AlternatingTrainer):
         loss_function: Callable | None = None,
         adversarial_weight: float = 1.0,
         patches_per_image: int = 1,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
-        iteration_update: Callable | None = None,
-        postprocessing: Callable | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = False,
-        optim_set_to_none: bool = True,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
     ) -> None:
         if patches_per_image < 1:
             raise ValueError(f"patches_per_image must be >= 1, got {patches_per_image}.")
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
-        )
+        super().__init__(device, max_epochs, train_data_loader, **trainer_kwargs)
         self.network = network
         self.discriminator = discriminator
         self.optimizer = optimizer
@@ -293,7 +259,6 @@ class MoeskopsTrainer(AlternatingTrainer):
         self.verdict_loss = torch.nn.CrossEntropyLoss()
         self.adversarial_weight = adversarial_weight
         self.patches_per_image = patches_per_image
-        self.optim_set_to_none = optim_set_to_none
 
     def _patches(self, image: torch.Tensor, segmentation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``patches_per_image`` random (image, segmentation) patch pairs of each image, as the discriminator takes them."""
