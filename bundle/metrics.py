@@ -29,7 +29,7 @@ from scipy import ndimage
 
 __all__ = [
     "count_components", "ComponentCountMetric", "ComponentCount", "brats_hd95", "BraTSHD95Metric", "BraTSHD95",
-    "region_dice_metrics", "select_region",
+    "region_dice_metrics", "select_region", "voxel_spacing", "BRATS_EMPTY_HD95",
 ]
 
 #: HD95 (mm) that BraTS 2023's evaluation gives a region predicted empty while the reference has it, or the
@@ -171,6 +171,16 @@ def _surface_distances(source: np.ndarray, target: np.ndarray, spacing: np.ndarr
     return ndimage.distance_transform_edt(~target_border, sampling=spacing)[source_border]
 
 
+def _joint_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` grown by one voxel per side (within the array), so that an erosion inside the box
+    sees the same background as in the whole array and the surface voxels are the same."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(present[0]) - 1, 0), int(present[-1]) + 2))
+    return tuple(box)
+
+
 def brats_hd95(pred, label, spacing=None, empty_score: float = BRATS_EMPTY_HD95) -> float:
     """95% Hausdorff distance of two binary masks as the BraTS challenge computes it, in millimetres.
 
@@ -193,11 +203,13 @@ def brats_hd95(pred, label, spacing=None, empty_score: float = BRATS_EMPTY_HD95)
     if pred_empty or label_empty:
         return float(empty_score)
     sampling = np.ones(pred_np.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    box = _joint_box(pred_np | label_np)  # every surface voxel lies in it: the distance transforms need no more
+    pred_np, label_np = pred_np[box], label_np[box]
     distances = np.hstack((_surface_distances(pred_np, label_np, sampling), _surface_distances(label_np, pred_np, sampling)))
     return float(np.percentile(distances, 95))
 
 
-def _spacing_of(data: torch.Tensor, spatial_dims: int) -> np.ndarray | None:
+def voxel_spacing(data: torch.Tensor, spatial_dims: int) -> np.ndarray | None:
     """Voxel size (mm) from a ``MetaTensor``'s affine (the column norms), or ``None`` for a plain tensor."""
     affine = getattr(data, "affine", None)
     if affine is None:
@@ -226,9 +238,9 @@ class BraTSHD95Metric(CumulativeIterationMetric):
                 "BraTSHD95Metric expects batch-first (B, R, H, W[, D]) prediction and label of one shape, got "
                 f"{tuple(y_pred.shape)} and {None if y is None else tuple(y.shape)}."
             )
-        spacing = _spacing_of(y_pred, y_pred.ndim - 2)
+        spacing = voxel_spacing(y_pred, y_pred.ndim - 2)
         if spacing is None:
-            spacing = _spacing_of(y, y.ndim - 2)
+            spacing = voxel_spacing(y, y.ndim - 2)
         pred, label = convert_to_numpy(y_pred), convert_to_numpy(y)
         values = [[brats_hd95(p, g, spacing, self.empty_score) for p, g in zip(pc, gc)] for pc, gc in zip(pred, label)]
         return torch.as_tensor(values, dtype=torch.float32, device=y_pred.device)

@@ -33,6 +33,20 @@ def test_hd95_pools_both_directions_in_millimetres(seed, spacing):
     assert brats_hd95(pred, label, spacing) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("offset", [(0, 0, 0), (20, 9, 5)])
+def test_hd95_of_small_masks_in_a_large_volume_is_unchanged_by_cropping_to_them(offset):
+    """Only the masks' bounding box is searched: masks on the volume's border or deep inside score as brute force."""
+    rng = np.random.default_rng(3)
+    pred = ndimage.binary_dilation(rng.random((12, 10, 8)) > 0.97, iterations=2)
+    label = ndimage.binary_dilation(rng.random((12, 10, 8)) > 0.97, iterations=2)
+    large_pred, large_label = np.zeros((40, 30, 20), bool), np.zeros((40, 30, 20), bool)
+    inner = tuple(slice(o, o + n) for o, n in zip(offset, pred.shape))
+    large_pred[inner], large_label[inner] = pred, label
+    spacing = np.asarray([0.9, 1.2, 2.5])
+    assert brats_hd95(large_pred, large_label, spacing) == pytest.approx(
+        _brute_force_hd95(large_pred, large_label, spacing), rel=1e-9)
+
+
 def test_hd95_is_not_monais_larger_directed_percentile():
     """A far island of 12 voxels only in the prediction: over 5% of the prediction's surface, under 5% of the pooled
     surfaces. MONAI's HausdorffDistanceMetric (the larger directed 95th percentile) reports the island; BraTS does not."""

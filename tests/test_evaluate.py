@@ -262,3 +262,87 @@ def test_every_metric_scores_the_written_label_map_and_empty_regions_score_as_in
     assert float(rows[0]["dice_enhancing_tumor"]) == 1.0 and float(rows[0]["hd95_enhancing_tumor"]) == 0.0
     assert float(rows[1]["dice_enhancing_tumor"]) == 0.0 and float(rows[1]["hd95_enhancing_tumor"]) == 374.0
     assert summary["metrics"]["dice"]["enhancing_tumor"]["mean"] == pytest.approx(0.5)
+
+
+LESION_COLUMNS = ["lesion_dice", "lesion_hd95", "lesion_dice_matched", "lesion_hd95_matched", "lesion_tp", "lesion_fp",
+                  "lesion_fn"]
+
+
+def _official_brats_evaluator():
+    """``panoptica`` set up as the official BraTS evaluation package's glioma config, for this bundle's label values."""
+    from panoptica import (ConnectedComponentsInstanceApproximator, InputType, MaxBipartiteMatching, Metric,
+                           Panoptica_Evaluator)
+    from panoptica.utils.edge_case_handling import EdgeCaseHandler, EdgeCaseResult, MetricZeroTPEdgeCaseHandling
+    from panoptica.utils.label_group import LabelGroup, LabelMergeGroup
+    from panoptica.utils.segmentation_class import SegmentationClassGroups
+
+    groups = {"wt": LabelMergeGroup([1, 2, 4]), "tc": LabelMergeGroup([1, 4]), "et": LabelGroup([4])}
+    zero_tp = {metric: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN, default_result=result)
+               for metric, result in ((Metric.DSC, EdgeCaseResult.ZERO), (Metric.HD95, EdgeCaseResult.INF))}
+    return Panoptica_Evaluator(
+        edge_case_handler=EdgeCaseHandler(listmetric_zeroTP_handling=zero_tp),
+        expected_input=InputType.SEMANTIC,
+        instance_approximator=ConnectedComponentsInstanceApproximator(),
+        instance_matcher=MaxBipartiteMatching(matching_metric=Metric.DSC, matching_threshold=1e-6),
+        instance_metrics=[Metric.DSC, Metric.HD95],
+        global_metrics=[Metric.DSC, Metric.HD95],
+        segmentation_class_groups=SegmentationClassGroups(groups),
+    )
+
+
+def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_maps(tmp_path):
+    """``--lesion_wise true`` adds BraTS's lesion-wise scores, and every per-case number equals what ``panoptica``
+    (the official BraTS evaluation) computes from the NIfTI files the bundle wrote and the reference files.
+
+    Case_0 has two whole-tumour lesions, of which the prediction finds one and adds a spurious one; Case_1 is
+    predicted exactly. Lesion-wise whole-tumour Dice of Case_0 is the found lesion's Dice over 3 lesions.
+    """
+    pytest.importorskip("panoptica", reason="lesion-wise metrics need the optional 'lesionwise' extra")
+    data = tmp_path / "data"
+    items = []
+    for index in range(2):
+        label = np.zeros(SHAPE, np.uint8)
+        label[8:20, 8:20, 5:15] = 2
+        label[11:17, 11:17, 7:13] = 1
+        label[13:15, 13:15, 9:11] = 4
+        predicted = _regions(label)
+        if index == 0:
+            label[24:28, 24:29, 14:19] = 2  # a second, small lesion, missed
+            predicted[0] = predicted[0].copy()
+            predicted[0][9:21, 8:19, 5:15] = True  # the large lesion, a little off
+            predicted[0][24:27, 6:9, 4:7] = True  # a spurious lesion
+        items.append(_write_case(data, f"Case_{index}", label, predicted))
+    (tmp_path / "datalist.json").write_text(json.dumps({"validation": items}))
+    out = tmp_path / "eval"
+    _evaluate([INFERENCE, EVALUATE], _pass_through_root(tmp_path), out, dataset_dir=str(data),
+              data_list_file_path=str(tmp_path / "datalist.json"), network_def=PASS_THROUGH, save_predictions=True,
+              lesion_wise=True)
+    rows, summary = _read_report(out)
+    assert list(rows[0]) == ["case"] + [f"{m}_{r}" for m in METRICS + LESION_COLUMNS for r in REGIONS]
+    assert "panoptica" in summary["definitions"]["lesion"]
+
+    from panoptica import Metric
+
+    official = _official_brats_evaluator()
+    for row, item in zip(rows, items):
+        written, reference = out / f"{item['case']}_seg.nii.gz", data / item["label"]
+        results = official.evaluate(str(written), str(reference))
+        # panoptica 2.1.7 computes the global HD95 on the voxel grid; its per-lesion HD95 and the challenge's
+        # definition use the voxel size, so the global one is checked with panoptica's metric given the spacing
+        spacing = nib.load(str(reference)).header.get_zooms()
+        regions = zip(_regions(np.asarray(nib.load(str(written)).dataobj)),
+                      _regions(np.asarray(nib.load(str(reference)).dataobj)))
+        for region, group, (pred, truth) in zip(REGIONS, ["wt", "tc", "et"], regions):
+            result = results[group]
+            assert float(row[f"dice_{region}"]) == pytest.approx(result.global_bin_dsc, abs=1e-4)
+            hd95 = Metric.HD95(truth.astype(np.uint8), pred.astype(np.uint8), voxelspacing=spacing)
+            assert float(row[f"hd95_{region}"]) == pytest.approx(hd95, abs=1e-4)
+            counts = [int(float(row[f"lesion_{c}_{region}"])) for c in ("tp", "fp", "fn")]
+            assert counts == [result.tp, result.fp, result.fn]
+            assert float(row[f"lesion_dice_matched_{region}"]) == pytest.approx(result.sq_dsc, abs=1e-4)
+            assert float(row[f"lesion_hd95_matched_{region}"]) == pytest.approx(result.sq_hd95, abs=1e-4)
+    case_0 = rows[0]
+    assert [case_0[f"lesion_{c}_whole_tumor"] for c in ("tp", "fp", "fn")] == ["1.0", "1.0", "1.0"]
+    assert float(case_0["lesion_dice_whole_tumor"]) == pytest.approx(float(case_0["lesion_dice_matched_whole_tumor"]) / 3)
+    assert float(case_0["lesion_dice_whole_tumor"]) < float(case_0["dice_whole_tumor"]) - 0.4
+    assert float(rows[1]["lesion_dice_whole_tumor"]) == 1.0 and float(rows[1]["lesion_hd95_whole_tumor"]) == 0.0
