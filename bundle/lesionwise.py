@@ -35,11 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.handlers import IgniteMetricHandler
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction, convert_to_numpy
 
-from .metrics import BRATS_EMPTY_HD95, voxel_spacing
+from .metrics import BRATS_EMPTY_HD95, RegionMetric
 
 __all__ = ["LESION_QUANTITIES", "lesion_evaluator", "lesion_wise_scores", "LesionWiseMetric", "LesionWise"]
 
@@ -133,7 +131,7 @@ def lesion_wise_scores(
     return {name: float(value) for name, value in zip(LESION_QUANTITIES, values)}
 
 
-class LesionWiseMetric(CumulativeIterationMetric):
+class LesionWiseMetric(RegionMetric):
     """Per-case, per-region :func:`lesion_wise_scores` as a MONAI cumulative metric.
 
     Inputs follow MONAI's metric conventions: batch-first binary region maps ``(B, R, H, W[, D])`` (or lists of
@@ -155,37 +153,18 @@ class LesionWiseMetric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
         if quantity not in LESION_QUANTITIES:
             raise ValueError(f"quantity must be one of {LESION_QUANTITIES}, got {quantity!r}.")
         self.quantity = quantity
         self.empty_score = float(empty_score)
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
         self.evaluator = lesion_evaluator()
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if y is None or y_pred.shape != y.shape or y_pred.ndim not in (4, 5):
-            raise ValueError(
-                "LesionWiseMetric expects batch-first (B, R, H, W[, D]) prediction and label of one shape, got "
-                f"{tuple(y_pred.shape)} and {None if y is None else tuple(y.shape)}."
-            )
-        spacing = voxel_spacing(y_pred, y_pred.ndim - 2)
-        if spacing is None:
-            spacing = voxel_spacing(y, y.ndim - 2)
-        pred, label = convert_to_numpy(y_pred), convert_to_numpy(y)
-        values = [
-            [list(lesion_wise_scores(p, g, spacing, self.empty_score, self.evaluator).values()) for p, g in zip(pc, gc)]
-            for pc, gc in zip(pred, label)
-        ]
-        return torch.as_tensor(values, dtype=torch.float32, device=y_pred.device)
+    def score(self, pred: np.ndarray, label: np.ndarray | None, spacing: np.ndarray | None) -> list[float]:
+        return list(lesion_wise_scores(pred, label, spacing, self.empty_score, self.evaluator).values())
 
-    def aggregate(self, reduction: MetricReduction | str | None = None):
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data[..., LESION_QUANTITIES.index(self.quantity)], reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
+    def reducible(self, data: torch.Tensor) -> torch.Tensor:
+        return data[..., LESION_QUANTITIES.index(self.quantity)]
 
 
 class LesionWise(IgniteMetricHandler):

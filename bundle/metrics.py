@@ -18,6 +18,7 @@ implements the challenge's definition, with the challenge's scores for empty reg
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from monai.utils import MetricReduction, convert_to_numpy
 from scipy import ndimage
 
 __all__ = [
-    "count_components", "ComponentCountMetric", "ComponentCount", "brats_hd95", "BraTSHD95Metric", "BraTSHD95",
+    "RegionMetric", "count_components", "ComponentCountMetric", "ComponentCount", "brats_hd95", "BraTSHD95Metric", "BraTSHD95",
     "region_dice_metrics", "select_region", "voxel_spacing", "BRATS_EMPTY_HD95",
 ]
 
@@ -67,7 +68,53 @@ def count_components(mask: np.ndarray | torch.Tensor, connectivity: int = 3) -> 
     return int(num)
 
 
-class ComponentCountMetric(CumulativeIterationMetric):
+class RegionMetric(CumulativeIterationMetric):
+    """Base of the metrics here that score every case and region channel of binary region maps.
+
+    Subclasses give :meth:`score`, a numpy function of one region's prediction, label and voxel size (mm, from
+    ``y_pred``'s or else ``y``'s ``MetaTensor`` affine; ``None`` for plain tensors), returning one value or a
+    fixed-length sequence; the buffer is then ``(num_cases, R[, K])`` and :meth:`aggregate` reduces
+    :meth:`reducible` of it with any :class:`monai.utils.MetricReduction`, NaN values left out as in MONAI.
+    """
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def score(self, pred: np.ndarray, label: np.ndarray | None, spacing: np.ndarray | None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement score().")
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None or y_pred.shape != y.shape or y_pred.ndim not in (4, 5):
+            raise ValueError(
+                f"{type(self).__name__} expects batch-first (B, R, H, W[, D]) prediction and label of one shape, got "
+                f"{tuple(y_pred.shape)} and {None if y is None else tuple(y.shape)}."
+            )
+        spacing = voxel_spacing(y_pred, y_pred.ndim - 2)
+        if spacing is None:
+            spacing = voxel_spacing(y, y.ndim - 2)
+        pred, label = convert_to_numpy(y_pred), convert_to_numpy(y)
+        values = [[self.score(p, g, spacing) for p, g in zip(pc, gc)] for pc, gc in zip(pred, label)]
+        return torch.as_tensor(values, dtype=torch.float32, device=y_pred.device)
+
+    def reducible(self, data: torch.Tensor) -> torch.Tensor:
+        """The ``(num_cases, R)`` part of the buffer that :meth:`aggregate` reduces (all of it by default)."""
+        return data
+
+    def aggregate(
+        self, reduction: MetricReduction | str | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Reduce the values collected so far, e.g. ``"mean"`` (one number), ``"mean_batch"`` (one per region)
+        or ``"none"`` (the ``(num_cases, R)`` values); ``None`` uses the constructor's reduction."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
+        f, not_nans = do_metric_reduction(self.reducible(data), reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
+
+
+class ComponentCountMetric(RegionMetric):
     """Number of connected components per case and per region channel (Moeskops et al. 2017, seed 002).
 
     For every case of a batch and every channel (region map, e.g. whole tumour, tumour core, enhancing
@@ -92,13 +139,11 @@ class ComponentCountMetric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {_SOURCES}, got {source!r}.")
         self.source = source
         self.connectivity = connectivity
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _compute_tensor(  # type: ignore[override]
         self, y_pred: torch.Tensor, y: torch.Tensor | None = None
@@ -114,21 +159,6 @@ class ComponentCountMetric(CumulativeIterationMetric):
         array = convert_to_numpy(data)
         counts = [[count_components(region, self.connectivity) for region in case] for case in array]
         return torch.as_tensor(counts, dtype=torch.float32, device=data.device).reshape(array.shape[:2])
-
-    def aggregate(
-        self, reduction: MetricReduction | str | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Reduce the per-case, per-channel counts collected so far.
-
-        Args:
-            reduction: overrides the constructor's reduction, e.g. ``"mean"`` (one number), ``"mean_batch"``
-                (one number per channel) or ``"none"`` (the ``(num_cases, R)`` counts).
-        """
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
 
 
 class ComponentCount(IgniteMetricHandler):
@@ -218,7 +248,7 @@ def voxel_spacing(data: torch.Tensor, spatial_dims: int) -> np.ndarray | None:
     return np.linalg.norm(affine[:spatial_dims, :spatial_dims], axis=0)
 
 
-class BraTSHD95Metric(CumulativeIterationMetric):
+class BraTSHD95Metric(RegionMetric):
     """Per-case, per-region :func:`brats_hd95`, in mm from each case's affine, as a MONAI cumulative metric.
 
     Inputs follow MONAI's metric conventions (batch-first binary region maps or lists of channel-first ones);
@@ -227,30 +257,11 @@ class BraTSHD95Metric(CumulativeIterationMetric):
 
     def __init__(self, empty_score: float = BRATS_EMPTY_HD95, reduction: MetricReduction | str = MetricReduction.MEAN,
                  get_not_nans: bool = False) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
         self.empty_score = float(empty_score)
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if y is None or y_pred.shape != y.shape or y_pred.ndim not in (4, 5):
-            raise ValueError(
-                "BraTSHD95Metric expects batch-first (B, R, H, W[, D]) prediction and label of one shape, got "
-                f"{tuple(y_pred.shape)} and {None if y is None else tuple(y.shape)}."
-            )
-        spacing = voxel_spacing(y_pred, y_pred.ndim - 2)
-        if spacing is None:
-            spacing = voxel_spacing(y, y.ndim - 2)
-        pred, label = convert_to_numpy(y_pred), convert_to_numpy(y)
-        values = [[brats_hd95(p, g, spacing, self.empty_score) for p, g in zip(pc, gc)] for pc, gc in zip(pred, label)]
-        return torch.as_tensor(values, dtype=torch.float32, device=y_pred.device)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None):
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
+    def score(self, pred: np.ndarray, label: np.ndarray | None, spacing: np.ndarray | None) -> float:
+        return brats_hd95(pred, label, spacing, self.empty_score)
 
 
 class BraTSHD95(IgniteMetricHandler):
