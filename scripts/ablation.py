@@ -385,7 +385,7 @@ def write_report(out: Path, suite: Suite, results: Sequence[dict], row_order: Se
     for s in summaries:
         cells = [_cell(s[f"precision_{r}"]) for r in regions] + [_cell(s[f"sensitivity_{r}"]) for r in regions]
         lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
-    lines += ["", "### 3D components (prediction; ground truth in the header), HD95 (voxels), cost", ""]
+    lines += ["", "### 3D components (prediction; ground truth in the header), HD95 (mm), cost", ""]
     truth = [_cell(summaries[0][f"components_label_{r}"], 1).split(" ±")[0] for r in regions]
     lines += ["| method | " + " | ".join(f"components {n} (truth {t})" for n, t in zip(names, truth)) + " | " +
               " | ".join(f"HD95 {n}" for n in names) + " | training s | parameters (segmentor / critics) |",
