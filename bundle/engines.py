@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from monai.engines import Trainer
+from monai.engines import SupervisedTrainer, Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.losses import DiceLoss
 from monai.utils.enums import CommonKeys as Keys
@@ -22,6 +22,7 @@ from .networks import SegANCritics
 
 __all__ = [
     "AlternatingTrainer",
+    "AutocastSupervisedTrainer",
     "SegANTrainer",
     "LossShareLogger",
     "CRITIC_LOSS",
@@ -105,24 +106,49 @@ class AlternatingTrainer(Trainer):
         self.state.output = {Keys.IMAGE: image, Keys.LABEL: label}
         return image, label
 
+    @property
+    def _scaling(self) -> bool:
+        """Whether updates go through the gradient scaler: AMP with an enabled scaler (CUDA float16; the
+        scaler MONAI creates disables itself without a GPU, and bfloat16 needs none)."""
+        return bool(self.amp and self.scaler is not None and self.scaler.is_enabled())
+
     def _autocast(self):
-        if self.amp and self.scaler is not None:
-            return torch.autocast("cuda", **self.amp_kwargs)
-        return contextlib.nullcontext()
+        """Mixed precision around the networks only, on the engine's device type (CUDA, or the CPU where
+        bfloat16 autocast runs, so the GPU numerics are testable without a GPU); probabilities, masks and
+        losses are computed in float32 outside it."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        device_type = torch.device(self.state.device).type
+        return torch.autocast(device_type, **(self.amp_kwargs or {}))
 
     def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.amp and self.scaler is not None else loss).backward()
+        (self.scaler.scale(loss) if self._scaling else loss).backward()
 
     def _update(self, optimizer: Optimizer) -> None:
-        if self.amp and self.scaler is not None:
+        if self._scaling:
             self.scaler.step(optimizer)
         else:
             optimizer.step()
 
     def _end_updates(self) -> None:
         """Once per iteration, after the last update: let the gradient scaler adapt its scale."""
-        if self.amp and self.scaler is not None:
+        if self._scaling:
             self.scaler.update()
+
+
+class AutocastSupervisedTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` (the U-net baseline) whose ``amp`` autocasts on the engine's device type.
+
+    MONAI's trainer autocasts on CUDA only; this one also runs bfloat16 autocast on a CPU, so the baselines
+    train under the same arithmetic as the adversarial trainers on every device (its loss casts to float32).
+    """
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict:
+        device_type = torch.device(engine.state.device).type
+        if not engine.amp or device_type == "cuda":
+            return super()._iteration(engine, batchdata)
+        with torch.autocast(device_type, **(engine.amp_kwargs or {})):
+            return super()._iteration(engine, batchdata)
 
 
 class SegANTrainer(AlternatingTrainer):
@@ -196,7 +222,8 @@ class SegANTrainer(AlternatingTrainer):
         engine.critic.train()
 
         with engine._autocast():
-            pred = torch.sigmoid(engine.network(image))
+            logits = engine.network(image)
+        pred = torch.sigmoid(logits.float())  # float32 maps: bfloat16 would flatten the sigmoid from a logit of ~5.5
         engine.state.output[Keys.PRED] = pred
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
@@ -207,7 +234,8 @@ class SegANTrainer(AlternatingTrainer):
         for _ in range(engine.critic_steps):
             engine.critic_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             with engine._autocast():
-                critic_loss = engine.loss_function(engine.critic(image, fake), engine.critic(image, label))
+                fake_feats, real_feats = engine.critic(image, fake), engine.critic(image, label)
+            critic_loss = engine.loss_function(fake_feats, real_feats)
             if not critic_loss.requires_grad:
                 break  # no critic parameter in the loss's graph (loss_layers "first"): nothing to ascend
             engine._backward(-critic_loss)
@@ -223,11 +251,12 @@ class SegANTrainer(AlternatingTrainer):
         with engine._autocast():
             with torch.no_grad():
                 real_feats = critic(image, label)
-            terms = engine.loss_function.terms(critic(image, pred), real_feats)
-            adversarial = terms.sum()
-            loss = adversarial
-            if engine.dice_weight:
-                loss = loss + engine.dice_weight * engine.dice_loss(pred.float(), label.float())
+            fake_feats = critic(image, pred)
+        terms = engine.loss_function.terms(fake_feats, real_feats)
+        adversarial = terms.sum()
+        loss = adversarial
+        if engine.dice_weight:
+            loss = loss + engine.dice_weight * engine.dice_loss(pred, label.float())
         engine.state.output[Keys.LOSS] = loss
         engine.state.output[ADVERSARIAL_LOSS] = adversarial.detach()
         engine.state.output[CRITIC_LOSS] = critic_loss.detach()

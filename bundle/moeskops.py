@@ -299,7 +299,7 @@ class MoeskopsTrainer(AlternatingTrainer):
         with engine._autocast():
             logits = engine.network(seg_image)
             loss = engine.loss_function(logits.float(), seg_label.float())
-        engine.state.output = {Keys.IMAGE: seg_image, Keys.LABEL: seg_label, Keys.PRED: torch.softmax(logits.detach(), 1)}
+        engine.state.output = {Keys.IMAGE: seg_image, Keys.LABEL: seg_label, Keys.PRED: torch.softmax(logits.detach().float(), 1)}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -13,10 +13,16 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image", "CLIP_PARAMS"]
+__all__ = [
+    "SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image", "critic_view", "CLIP_PARAMS",
+    "CRITIC_INPUTS",
+]
 
 #: What the critic weight clamp bounds: every parameter, or the convolutions only (BN without affine).
 CLIP_PARAMS = ("all", "weights")
+
+#: What a critic sees of an image and a label map (:func:`critic_view`).
+CRITIC_INPUTS = ("masked", "masked_map", "shifted")
 
 _LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
@@ -162,6 +168,28 @@ def mask_image(image: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return image.unsqueeze(1) * maps.unsqueeze(2)
 
 
+def critic_view(image: torch.Tensor, maps: torch.Tensor, mode: str = "masked") -> torch.Tensor:
+    """What the critics see of ``image`` (B, C, ...) and label maps ``maps`` (B, R, ...): (B, R, C', ...).
+
+    * ``"masked"``: ``x o y``, the paper's literal input (equation 2). Wherever every channel of ``x`` is 0
+      (the air the intensity normalisation zeroes, or a head voxel at the mean intensity) the product is 0
+      whatever ``y`` is, so the loss has no gradient with respect to the prediction there and nothing
+      trains the segmentor's output in the air;
+    * ``"masked_map"``: ``x o y`` with the map ``y`` itself as one more channel (C' = C + 1): the critic sees
+      every prediction, inside and outside the head;
+    * ``"shifted"``: ``(x - min x + 1) o y``, the image shifted per sample and channel so that its smallest
+      value is 1: no voxel is 0, so every prediction reaches the critic, weighted by a positive intensity.
+    """
+    if mode == "masked":
+        return mask_image(image, maps)
+    if mode == "masked_map":
+        return torch.cat([mask_image(image, maps), maps.unsqueeze(2).to(image.dtype)], dim=2)
+    if mode == "shifted":
+        low = image.detach().flatten(2).amin(dim=2).view(*image.shape[:2], *([1] * (image.dim() - 2)))
+        return mask_image(image - low + 1.0, maps)
+    raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {mode!r}.")
+
+
 class SegANCritics(nn.Module):
     """The critics of a multi-region SegAN (paper section 3.1).
 
@@ -169,7 +197,9 @@ class SegANCritics(nn.Module):
     image masked by its region. ``mode="joint"`` is S3-1C: one critic whose input is the masked images of
     all regions concatenated on channels. With one region both are the single-label SegAN (S1-1C).
 
-    ``forward(image, maps)`` returns one feature list per critic.
+    ``forward(image, maps)`` returns one feature list per critic. ``input_mode`` says what a critic sees
+    (:func:`critic_view`): ``"masked"`` is the paper's ``x o y``; ``"masked_map"`` adds the map as a channel
+    and ``"shifted"`` masks a shifted image, so that a prediction made where the image is 0 reaches the loss.
 
     ``clip_params`` says which parameters the weight clamp of section 2.3 bounds (:meth:`clamp_`):
 
@@ -189,8 +219,11 @@ class SegANCritics(nn.Module):
         features: Sequence[int] = (64, 128, 256),
         mode: str = "per_region",
         clip_params: str = "weights",
+        input_mode: str = "masked",
     ) -> None:
         super().__init__()
+        if input_mode not in CRITIC_INPUTS:
+            raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {input_mode!r}.")
         if mode not in ("per_region", "joint"):
             raise ValueError(f"critic mode must be 'per_region' (S3-3C) or 'joint' (S3-1C), got {mode!r}.")
         if clip_params not in CLIP_PARAMS:
@@ -198,6 +231,8 @@ class SegANCritics(nn.Module):
         self.mode = mode
         self.num_regions = num_regions
         self.clip_params = clip_params
+        self.input_mode = input_mode
+        in_channels = in_channels + (1 if input_mode == "masked_map" else 0)
         affine = clip_params == "all"
         if mode == "per_region":
             self.critics = nn.ModuleList(
@@ -209,7 +244,7 @@ class SegANCritics(nn.Module):
     def forward(self, image: torch.Tensor, maps: torch.Tensor) -> list[list[torch.Tensor]]:
         if maps.shape[1] != self.num_regions:
             raise ValueError(f"the critics expect {self.num_regions} label maps, got {maps.shape[1]}.")
-        masked = mask_image(image, maps)
+        masked = critic_view(image, maps, self.input_mode)
         if self.mode == "joint":
             return [self.critics[0](masked.flatten(1, 2))]
         return [critic(masked[:, r]) for r, critic in enumerate(self.critics)]

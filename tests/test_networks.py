@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor, mask_image
+from bundle.losses import MultiScaleL1Loss
+from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor, critic_view, mask_image
 
 SMALL = (4, 8, 16, 32)
 
@@ -121,3 +122,43 @@ def test_bundle_exports_the_trained_segmentor_to_torchscript(tmp_path):
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(exported(x), net(x))
+
+
+def _prediction_gradient(input_mode, critic_mode="per_region"):
+    """d(multi-scale loss)/d(prediction) for an image that is 0 in its left half (the air normalisation zeroes)."""
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 16, 16) + 0.5
+    image[..., :8] = 0
+    label = torch.zeros(2, 2, 16, 16)
+    label[:, :, 4:12, 8:12] = 1
+    pred = torch.rand(2, 2, 16, 16, requires_grad=True)
+    critics = SegANCritics(in_channels=3, num_regions=2, features=(4, 8, 16), mode=critic_mode, input_mode=input_mode)
+    MultiScaleL1Loss()(critics(image, pred), critics(image, label)).backward()
+    return pred.grad
+
+
+@pytest.mark.parametrize("critic_mode", ["per_region", "joint"])
+def test_the_literal_masked_input_gives_no_gradient_to_predictions_where_the_image_is_zero(critic_mode):
+    grad = _prediction_gradient("masked", critic_mode)
+    assert torch.count_nonzero(grad[..., :8]) == 0  # whatever S paints in the air, the loss cannot see it
+    assert torch.count_nonzero(grad[..., 8:]) > 0
+
+
+@pytest.mark.parametrize("input_mode", ["masked_map", "shifted"])
+@pytest.mark.parametrize("critic_mode", ["per_region", "joint"])
+def test_critic_inputs_that_see_every_prediction_give_it_a_gradient_in_the_air(input_mode, critic_mode):
+    grad = _prediction_gradient(input_mode, critic_mode)
+    assert (grad[..., :8].abs().flatten(2).amax(-1) > 0).all()  # every sample and region, in the zero half
+
+
+def test_critic_views_have_the_expected_channels_and_values():
+    image = torch.tensor([[[[0.0, -2.0], [1.0, 3.0]]]])  # (1, 1, 2, 2)
+    maps = torch.tensor([[[[1.0, 0.5], [0.0, 1.0]]]])
+    torch.testing.assert_close(critic_view(image, maps, "masked"), mask_image(image, maps))
+    both = critic_view(image, maps, "masked_map")
+    assert both.shape == (1, 1, 2, 2, 2)
+    torch.testing.assert_close(both[:, 0, 1], maps[:, 0])
+    shifted = critic_view(image, maps, "shifted")  # min -2 -> 1: values 3, 1, 4, 6 before masking
+    torch.testing.assert_close(shifted[0, 0, 0], torch.tensor([[3.0, 0.5], [0.0, 6.0]]))
+    with pytest.raises(ValueError, match="critic_input"):
+        SegANCritics(input_mode="raw")
