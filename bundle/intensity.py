@@ -17,7 +17,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
-__all__ = ["ForegroundNormalized", "head_mask", "NORMALIZATION_MODES"]
+__all__ = ["ForegroundNormalized", "MaskOutsideHeadd", "head_mask", "outside_head", "NORMALIZATION_MODES"]
 
 #: Intensity normalisations of :class:`ForegroundNormalized`.
 NORMALIZATION_MODES = ("zscore", "percentile")
@@ -123,4 +123,41 @@ class ForegroundNormalized(MapTransform):
             image = d[key]
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
             d[key] = convert_to_dst_type(self.normalize(array), image, dtype=torch.float32)[0]
+        return d
+
+
+def outside_head(image: torch.Tensor) -> torch.Tensor:
+    """Where a normalised channel-first image (C, ...) lies outside the head: every channel exactly 0.
+
+    :class:`ForegroundNormalized` sets everything outside :func:`head_mask` to 0, and inside the head a voxel
+    is exactly 0 in every channel with probability ~0 (z-scores of continuous intensities), so the
+    normalised image carries the head mask through any crop, pad or inverse the pipelines apply to it.
+    Shape (1, ...), boolean.
+    """
+    return (image == 0).all(dim=0, keepdim=True)
+
+
+class MaskOutsideHeadd(MapTransform):
+    """Label nothing outside the head: zero the prediction maps wherever the normalised image is the air.
+
+    A post-processing guard (on by default, ``head_guard``) on top of a critic input that sees every
+    prediction: the head mask the normalisation computed (:func:`outside_head` of ``image_key``) is applied
+    to the probability or region maps, which must share the image's spatial shape (i.e. before ``Invertd``).
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        air = outside_head(d[self.image_key])
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.shape[1:] != air.shape[1:]:
+                raise ValueError(
+                    f"head guard: '{key}' has spatial shape {tuple(pred.shape[1:])} but '{self.image_key}' has "
+                    f"{tuple(air.shape[1:])}; apply MaskOutsideHeadd before inverting the prediction."
+                )
+            d[key] = pred * ~air.to(pred.device)
         return d

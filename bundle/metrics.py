@@ -30,7 +30,8 @@ from scipy import ndimage
 
 __all__ = [
     "RegionMetric", "count_components", "ComponentCountMetric", "ComponentCount", "brats_hd95", "BraTSHD95Metric", "BraTSHD95",
-    "region_dice_metrics", "select_region", "voxel_spacing", "BRATS_EMPTY_HD95",
+    "region_dice_metrics", "select_region", "voxel_spacing", "BRATS_EMPTY_HD95", "OutsideHeadMetric", "OutsideHead",
+    "outside_head_output",
 ]
 
 #: HD95 (mm) that BraTS 2023's evaluation gives a region predicted empty while the reference has it, or the
@@ -187,6 +188,36 @@ class ComponentCount(IgniteMetricHandler):
     ) -> None:
         metric_fn = ComponentCountMetric(source=source, connectivity=connectivity, reduction=reduction)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+
+class OutsideHeadMetric(RegionMetric):
+    """Voxels of each region map predicted outside the head: false positives in the air, per case and region.
+
+    ``y_pred`` are binary region maps (B, R, ...) and ``y`` the matching air masks (:func:`outside_head_output`
+    builds them from the normalised image). A segmentor trained with the literal masked critic input
+    (Xue et al. 2018, equation 2) gets no gradient in the air and may paint tumour there; this counts it.
+    """
+
+    def score(self, pred: np.ndarray, label: np.ndarray | None, spacing: np.ndarray | None) -> float:
+        return float(np.count_nonzero((pred != 0) & (label != 0)))
+
+
+def outside_head_output(output: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(predictions, air masks)`` of a decollated evaluator's output, the air taken from its ``image``
+    (the normalised image in the prediction's frame, see ``bundle.intensity.outside_head``)."""
+    from .intensity import outside_head
+
+    items = output if isinstance(output, list) else [output]
+    preds = [item["pred"] for item in items]
+    return preds, [outside_head(item["image"]).expand_as(p).to(p.dtype) for item, p in zip(items, preds)]
+
+
+class OutsideHead(IgniteMetricHandler):
+    """Ignite handler of :class:`OutsideHeadMetric`; its default ``output_transform`` is
+    :func:`outside_head_output`."""
+
+    def __init__(self, output_transform: Callable = outside_head_output, save_details: bool = True) -> None:
+        super().__init__(metric_fn=OutsideHeadMetric(), output_transform=output_transform, save_details=save_details)
 
 
 def _surface_distances(source: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> np.ndarray:

@@ -47,7 +47,12 @@ from bundle.demo import ensure_demo_data  # noqa: E402
 from bundle.files import atomic_path  # noqa: E402
 
 #: Metrics taken from ``configs/evaluate.json``'s ``metrics_summary.json`` (case means per region).
-METRICS = ("dice", "precision", "sensitivity", "hd95", "components_pred", "components_label")
+METRICS = ("dice", "precision", "sensitivity", "hd95", "components_pred", "components_label", "outside_head")
+#: Row pairs whose paired difference over seeds the report gives (when both rows ran on the same seeds).
+PAIRS = (("S3-3C", "U-net"), ("S3-3C", "S3-3C-s3"), ("S3-3C", "S3-3C + Dice"), ("S3-3C", "S3-3C literal"),
+         ("S3-3C + Dice", "U-net + Dice"))
+#: A validation Dice a region must reach before drops of it count as instability (issue: > 0.2 after 0.8).
+STABLE_FROM = 0.8
 RESULT = "result.json"
 
 
@@ -112,6 +117,17 @@ register(Row(
     description="S3-3C fed slices z-1, z, z+1 of every modality (beyond the paper)",
 ))
 register(Row("U-net", (_variant("unet"),), description="same segmentor, per-region cross-entropy only", eval_overlays=()))
+register(Row("U-net + Dice", (_variant("unet"),), {"dice_weight": 1.0},
+             "same segmentor, cross-entropy + soft Dice (nnU-Net's loss)", eval_overlays=()))
+register(Row("S3-3C literal", (_variant("s3_3c"),), {"critic_input": "masked"},
+             "S3-3C with the paper's literal critic input x o S(x) (no gradient where the image is 0)"))
+register(Row("S3-3C map", (_variant("s3_3c"),), {"critic_input": "masked_map"},
+             "S3-3C, critics see x o S(x) and the map S(x) as one more channel"))
+register(Row("S3-3C shifted", (_variant("s3_3c"),), {"critic_input": "shifted"},
+             "S3-3C, critics see (x - min x + 1) o S(x): no zero-valued voxel"))
+for _weighting in ("mean", "sum", "official", "balanced"):
+    register(Row(f"S3-3C {_weighting}", (_variant("s3_3c"),), {"loss_weighting": _weighting},
+                 f"S3-3C with loss_weighting {_weighting}"))
 
 
 def _parser(configs: Sequence[str], overrides: Mapping[str, Any]):
@@ -164,6 +180,18 @@ SUITES["demo"] = Suite(
         "volumes_per_batch", "max_epochs", "val_interval", "optimizer_name", "learning_rate", "lr_step_epochs",
         "lr_gamma",
     ),
+)
+
+
+SUITES["brats_sized"] = Suite(
+    name="brats_sized",
+    configs=("configs/train.json", "configs/demo.json", _variant("brats_sized")),
+    eval_configs=("configs/inference.json", "configs/demo.json", _variant("brats_sized")),
+    prepare=prepare_demo,
+    rows=("S3-3C literal", "S3-3C map", "S3-3C shifted"),
+    description="phantoms at the BraTS size (240x240x155) with the paper's 180x180x128 crop and 160x160 patches, demo widths",
+    budget_keys=("demo_shape", "crop_size", "patch_size", "features", "critic_features", "max_epochs", "val_interval",
+                 "head_guard", "dice_weight"),
 )
 
 
@@ -284,6 +312,8 @@ def _run_one(suite: Suite, row: Row, seed: int, run_dir: Path, data_overrides: d
     eval_seconds = time.perf_counter() - start
     summary = json.loads((run_dir / "eval" / "metrics_summary.json").read_text(encoding="utf-8"))
     parameters, critic_parameters = _count_parameters(configs, settings)
+    history_path = run_dir / "eval" / "validation_metrics.json"
+    history = json.loads(history_path.read_text(encoding="utf-8"))["history"] if history_path.is_file() else []
     result = {
         **record,
         "num_test_cases": summary["num_cases"],
@@ -292,10 +322,63 @@ def _run_one(suite: Suite, row: Row, seed: int, run_dir: Path, data_overrides: d
         "eval_seconds": round(eval_seconds, 1),
         "parameters": parameters,
         "critic_parameters": critic_parameters,
+        "largest_drop": largest_drops(history),
+        "loss_shares": last_loss_shares((run_dir / "train.log").read_text(encoding="utf-8", errors="replace")),
     }
     with atomic_path(done) as tmp, open(tmp, "x", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def largest_drops(history: Sequence[Mapping[str, Any]], prefix: str = "val_dice_") -> dict[str, float]:
+    """Per region, the largest fall of validation Dice between consecutive validations after the region first
+    reached ``STABLE_FROM`` (0 when it never fell, NaN when it never reached it): the game's stability."""
+    regions = sorted({k[len(prefix):] for h in history for k in h if k.startswith(prefix)})
+    drops = {}
+    for region in regions:
+        values = [h.get(prefix + region) for h in history]
+        values = [v for v in values if v is not None]
+        start = next((i for i, v in enumerate(values) if v >= STABLE_FROM), None)
+        if start is None:
+            drops[region] = math.nan
+            continue
+        after = values[start:]
+        drops[region] = round(max([0.0] + [a - b for a, b in zip(after, after[1:])]), 4)
+    return drops
+
+
+def last_loss_shares(log: str) -> dict[str, list[float]]:
+    """Each critic layer's share of the adversarial loss in the last epoch, from ``LossShareLogger``'s log line
+    (``{critic: [share of layer 0, 1, ...]}``); empty for a trainer without critics."""
+    marker = "share of the adversarial loss per critic layer (0 = masked input): "
+    lines = [line for line in log.splitlines() if marker in line]
+    if not lines:
+        return {}
+    shares = {}
+    for part in lines[-1].split(marker, 1)[1].split("; "):
+        name, _, values = part.partition(": ")
+        shares[name.strip()] = [float(v) for v in values.split()]
+    return shares
+
+
+def paired_difference(results: Sequence[dict], first: str, second: str) -> Optional[dict]:
+    """Mean over seeds of ``first``'s mean test Dice minus ``second``'s, run on the same seeds, with its 95 %
+    t-interval (None when fewer than 2 seeds are shared)."""
+    def by_seed(name):
+        return {r["seed"]: statistics.fmean(v for v in r["metrics"]["dice"].values() if v is not None)
+                for r in results if r["row"] == name}
+    a, b = by_seed(first), by_seed(second)
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = _T95.get(len(seeds) - 1, 1.96) * std / math.sqrt(len(seeds))
+    return {"first": first, "second": second, "seeds": len(seeds), "mean": mean, "low": mean - half, "high": mean + half}
+
+
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
@@ -331,7 +414,18 @@ def summarise(results: Sequence[dict], row_order: Sequence[str]) -> list[dict]:
         }
         for metric in METRICS:
             for region in regions:
-                summary[f"{metric}_{region}"] = _mean_std([r["metrics"][metric][region] for r in runs])
+                summary[f"{metric}_{region}"] = _mean_std([r["metrics"].get(metric, {}).get(region) for r in runs])
+        for region in regions:
+            summary[f"drop_{region}"] = _mean_std([r.get("largest_drop", {}).get(region) for r in runs])
+            summary[f"max_drop_{region}"] = max(
+                [d for r in runs if (d := r.get("largest_drop", {}).get(region)) is not None and math.isfinite(d)],
+                default=None,
+            )
+        shares = [r["loss_shares"] for r in runs if r.get("loss_shares")]
+        summary["loss_shares"] = {
+            critic: [round(statistics.fmean(s[critic][i] for s in shares), 3) for i in range(len(values))]
+            for critic, values in shares[0].items()
+        } if shares else {}
         summaries.append(summary)
     return summaries
 
@@ -394,6 +488,36 @@ def write_report(out: Path, suite: Suite, results: Sequence[dict], row_order: Se
         cells = [_cell(s[f"components_pred_{r}"], 1) for r in regions] + [_cell(s[f"hd95_{r}"], 1) for r in regions]
         cells += [_cell(s["train_seconds"], 0), f"{s['parameters']:,} / {s['critic_parameters']:,}"]
         lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
+    lines += ["", f"### Stability: largest fall of validation Dice after first reaching {STABLE_FROM}", "",
+              "Between consecutive validations, per region: mean ± std over seeds, and the worst seed "
+              "(n/a: never reached it).", ""]
+    lines += ["| method | " + " | ".join(names) + " | worst seed |", "| --- |" + " --- |" * (len(names) + 1)]
+    for s in summaries:
+        worst = [s[f"max_drop_{r}"] for r in regions]
+        cells = [_cell(s[f"drop_{r}"]) for r in regions]
+        cells.append(" / ".join("n/a" if w is None else f"{w:.3f}" for w in worst))
+        lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
+    outside = [s for s in summaries if any(s.get(f"outside_head_{r}", (None,))[0] is not None for r in regions)]
+    if outside:
+        lines += ["", "### Voxels labelled outside the head (per test case; mean ± std over seeds)", ""]
+        lines += ["| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        for s in outside:
+            lines.append(f"| {s['row']} | " + " | ".join(_cell(s[f"outside_head_{r}"], 0) for r in regions) + " |")
+    with_shares = [s for s in summaries if s["loss_shares"]]
+    if with_shares:
+        lines += ["", "### Each critic layer's share of the adversarial loss, last epoch (layer 0 = masked input)", ""]
+        lines += ["| method | critic | shares |", "| --- | --- | --- |"]
+        for s in with_shares:
+            for critic, values in s["loss_shares"].items():
+                lines.append(f"| {s['row']} | {critic} | " + " / ".join(f"{v:.3f}" for v in values) + " |")
+    pairs = [d for a, b in PAIRS if (d := paired_difference(results, a, b)) is not None]
+    if pairs:
+        lines += ["", "### Paired differences of mean test Dice (same seeds; 95 % t-interval)", ""]
+        lines += ["| first − second | seeds | difference | 95 % interval | verdict |", "| --- | --- | --- | --- | --- |"]
+        for d in pairs:
+            verdict = ("first better" if d["low"] > 0 else "second better" if d["high"] < 0 else "no difference shown")
+            lines.append(f"| {d['first']} − {d['second']} | {d['seeds']} | {d['mean']:+.3f} | "
+                         f"[{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
     lines += ["", "| method | what |", "| --- | --- |"] + [f"| {s['row']} | {s['description']} |" for s in summaries]
     _write_text(out / "README.md", "\n".join(lines) + "\n")
     _write_text_bytes(out / "dice.png", _bar_chart(summaries, regions))

@@ -32,7 +32,7 @@ TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
 EVALUATE = str(ROOT / "configs" / "evaluate.json")
 REGIONS = ["whole_tumor", "tumor_core", "enhancing_tumor"]
-METRICS = ["dice", "precision", "sensitivity", "iou", "hd95", "components_pred", "components_label"]
+METRICS = ["dice", "precision", "sensitivity", "iou", "hd95", "components_pred", "components_label", "outside_head"]
 SHAPE = (36, 34, 24)
 PASS_THROUGH = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 3, "kernel_size": 1}
 # a rotated, anisotropic, shifted grid: predictions must come back on it

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.data import ITKWriter, NibabelWriter
 
-from bundle.intensity import ForegroundNormalized
+from bundle.intensity import ForegroundNormalized, head_mask
 from bundle.constants import MODALITIES, MSD_MODALITIES
 from bundle.datalist import inference_datalist
 from bundle.demo import make_demo_dataset
@@ -117,7 +117,7 @@ def _reference(demo_dir, case, spatial_fit, weights):
 @pytest.mark.parametrize("spatial_fit", ["pad", "crop"])
 def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_root, spatial_fit):
     out = tmp_path / "out"
-    _infer(bundle_root, demo_dir, out, spatial_fit=spatial_fit, crop_foreground=False, **CROP)
+    _infer(bundle_root, demo_dir, out, spatial_fit=spatial_fit, crop_foreground=False, head_guard=False, **CROP)
     assert sorted(os.listdir(out)) == ["Demo_000_seg.nii.gz", "Demo_001_seg.nii.gz"]
     for case in ("Demo_000", "Demo_001"):
         saved = nib.load(str(out / f"{case}_seg.nii.gz"))
@@ -142,7 +142,7 @@ def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_r
 def test_threshold_key_and_crop_box(tmp_path, demo_dir, bundle_root):
     # every sigmoid output is >= 0: each region fills exactly the processed crop, so the label is 4 there
     out = tmp_path / "out"
-    _infer(bundle_root, demo_dir, out, spatial_fit="crop", threshold=0.0, crop_foreground=False, **CROP)
+    _infer(bundle_root, demo_dir, out, spatial_fit="crop", threshold=0.0, crop_foreground=False, head_guard=False, **CROP)
     label = np.asarray(nib.load(str(out / "Demo_000_seg.nii.gz")).dataobj)
     expected = np.zeros(SHAPE, np.uint8)
     # first crop 40x37x24 -> 31x29x15 starts at (5, 4, 5); second 31x29 -> 24x21 at (3, 4): (8, 8, 5) in all
@@ -170,8 +170,8 @@ def _in_air(demo_dir, case, folder, frame=(200, 180, 32), offset=(120, 20, 5), b
 
 def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background_outside(tmp_path, demo_dir, bundle_root):
     data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
-    _infer(bundle_root, data, tmp_path / "full", crop_foreground=False)
-    _infer(bundle_root, data, tmp_path / "cropped", foreground_margin=RECEPTIVE_RADIUS)
+    _infer(bundle_root, data, tmp_path / "full", crop_foreground=False, head_guard=False)
+    _infer(bundle_root, data, tmp_path / "cropped", foreground_margin=RECEPTIVE_RADIUS, head_guard=False)
     full = np.asarray(nib.load(str(tmp_path / "full" / "Demo_000_seg.nii.gz")).dataobj)
     cropped = np.asarray(nib.load(str(tmp_path / "cropped" / "Demo_000_seg.nii.gz")).dataobj)
     head = nib.load(str(data / "Demo_000" / "Demo_000_t1.nii.gz")).get_fdata() != 0
@@ -185,6 +185,19 @@ def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background
     box[max(h0 - reach, 0) : h1 + reach, max(w0 - reach, 0) : w1 + reach, d0:d1] = True
     assert box[:, :, d0].sum() < 0.7 * box[:, :, d0].size  # this test's frame has air beyond the reach
     assert not cropped[~box].any()
+
+
+def test_the_head_guard_labels_nothing_outside_the_head_and_changes_nothing_inside(tmp_path, demo_dir, bundle_root):
+    data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
+    _infer(bundle_root, data, tmp_path / "raw", crop_foreground=False, head_guard=False)
+    _infer(bundle_root, data, tmp_path / "guarded", crop_foreground=False)  # head_guard is on by default
+    raw = np.asarray(nib.load(str(tmp_path / "raw" / "Demo_000_seg.nii.gz")).dataobj)
+    guarded = np.asarray(nib.load(str(tmp_path / "guarded" / "Demo_000_seg.nii.gz")).dataobj)
+    # the head the normalisation finds in the selected modalities (the guard's mask)
+    head = head_mask(np.stack([nib.load(str(f)).get_fdata(dtype=np.float32) for f in _case_files(data, "Demo_000")]))
+    assert raw[~head].any()  # this untrained network paints the air
+    assert not guarded[~head].any()
+    np.testing.assert_array_equal(guarded[head], raw[head])
 
 
 def test_a_case_with_no_foreground_gives_an_all_background_map(tmp_path, demo_dir, bundle_root):
