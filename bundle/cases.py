@@ -28,6 +28,7 @@ and figure titles all call it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -36,9 +37,12 @@ from typing import Any
 
 from .constants import MODALITIES, strip_image_suffix
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id", "IMAGE_2D_SUFFIXES",
-    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in", "loaded_from",
+    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in", "loaded_from", "skipped_summary",
+    "is_case_file",
 ]
 
 #: Grade folder names, in the order the per-grade split visits them (cases without a grade come last).
@@ -60,6 +64,11 @@ LAYOUTS_SEARCHED = (
     "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
     "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
 )
+
+
+def is_case_file(name: str) -> bool:
+    """Whether a file called ``name`` is one :func:`find_cases` reads (a BraTS modality or label file)."""
+    return bool(_MHA_PATTERN.search(name) or NIFTI_PATTERN.match(name))
 
 
 def check_dataset_dir(dataset_dir) -> Path:
@@ -88,16 +97,39 @@ def _grade_of(folder: Path, root: Path) -> str | None:
     return None
 
 
-def _scan(root: Path) -> dict[tuple[str, str], dict]:
-    """Group the modality files under ``root`` by case: ``(case folder, case id) -> {"files": {name: path}}``."""
+def _scan(root: Path, skipped: dict[str, list[str]] | None = None) -> dict[tuple[str, str], dict]:
+    """Group the modality files under ``root`` by case: ``(case folder, case id) -> {"files": {name: path}}``.
+
+    Linked folders are followed (a folder of links to cases is a common way to pick a subset), each real
+    folder once. What is not read is added to ``skipped`` (reason -> paths relative to ``root``).
+    """
     groups: dict[tuple[str, str], dict] = {}
-    for folder, subfolders, files in os.walk(root):
+    skipped = {} if skipped is None else skipped
+    visited: set[str] = set()
+
+    def skip(reason: str, path: str) -> None:
+        skipped.setdefault(reason, []).append(Path(path).relative_to(root).as_posix())
+
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a link back to a folder already scanned (or a link loop)
+            skip("a link to a folder already scanned", folder)
+            subfolders[:] = []
+            continue
+        visited.add(real)
         # skip hidden folders (e.g. the demo generator's half-written ".demo.tmp-*") and macOS archive debris
+        for d in subfolders:
+            if d.startswith(".") or d == "__MACOSX":
+                skip("hidden or archive debris", os.path.join(folder, d))
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
         for name in sorted(files):
-            if name.startswith("."):
-                continue
             path = Path(folder) / name
+            if name.startswith("."):
+                skip("hidden", str(path))
+                continue
+            if not path.exists():
+                skip("a link to nothing", str(path))
+                continue
             match = _MHA_PATTERN.search(name)
             if match:
                 modality = _MHA_NAMES[match.group(1).lower()]
@@ -106,6 +138,7 @@ def _scan(root: Path) -> dict[tuple[str, str], dict]:
             else:
                 match = NIFTI_PATTERN.match(name)
                 if not match:
+                    skip("not a BraTS file name", str(path))
                     continue
                 modality = _NIFTI_NAMES[match.group("suffix").lower()]
                 case_dir, case = path.parent, match.group("case")
@@ -136,7 +169,8 @@ def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
         ValueError: a case lacks one of the four modalities (the message names the case and the modality).
     """
     root = check_dataset_dir(dataset_dir)
-    groups = _scan(root)
+    skipped: dict[str, list[str]] = {}
+    groups = _scan(root, skipped)
     if not groups:
         raise FileNotFoundError(f"no BraTS case found under '{dataset_dir}'. Layouts searched: {LAYOUTS_SEARCHED}.")
 
@@ -153,6 +187,8 @@ def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
         if "label" not in files:
             unlabelled += 1
             if require_label:
+                skip_case = group["dir"].relative_to(root).as_posix()
+                skipped.setdefault("a case without a label", []).append(skip_case)
                 continue
         item = {"image": [files[m].relative_to(root).as_posix() for m in MODALITIES]}
         if "label" in files:
@@ -174,7 +210,20 @@ def find_cases(dataset_dir, require_label: bool = True) -> list[dict]:
     for item, case_dir in cases:
         if seen[item["case"]] > 1:
             item["case"] = case_dir
+    labelled = sum("label" in item for item, _ in cases)
+    logger.info(f"found {len(cases)} case(s) under '{dataset_dir}' ({labelled} with a label)")
+    if skipped:
+        logger.warning(f"skipped under '{dataset_dir}': {skipped_summary(skipped)}")
     return sorted((item for item, _ in cases), key=lambda item: (item["case"], item["image"][0]))
+
+
+def skipped_summary(skipped: Mapping[str, list[str]], shown: int = 5) -> str:
+    """One line listing what a scan skipped, by reason: ``2 hidden (.a, .b); 1 not a BraTS file name (x.png)``."""
+    parts = []
+    for reason, paths in skipped.items():
+        listed = ", ".join(paths[:shown]) + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
+        parts.append(f"{len(paths)} {reason} ({listed})")
+    return "; ".join(parts)
 
 
 def loaded_from(image: Any, meta: Mapping | None = None) -> Any:

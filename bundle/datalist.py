@@ -12,6 +12,7 @@ multi-modality files as in MSD Task01 or MONAI Label, and folders of them) and :
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -24,7 +25,15 @@ from .cases import (
 )
 from .constants import IMAGE_SUFFIXES
 
-__all__ = ["split_cases", "build_datalist", "load_datalist", "inference_datalist", "evaluation_datalist"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "split_cases", "build_datalist", "load_datalist", "inference_datalist", "evaluation_datalist", "record_split",
+    "SPLIT_RECORD",
+]
+
+#: The split record a training writes beside its ``model.pt`` (:func:`record_split`).
+SPLIT_RECORD = "datalist.json"
 
 # a single-file (4D, channels last) multi-modality case, as in MSD Task01 or a MONAI Label datastore
 _SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii")
@@ -73,11 +82,15 @@ def split_cases(cases: Sequence[dict], val_fraction: float = 0.1, seed: int = 0)
 def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
     """Labelled cases under ``dataset_dir`` as ``{"training": [...], "validation": [...]}`` (:func:`split_cases`).
 
-    2D images with masks (:func:`bundle.cases.find_image_pairs`: ISIC 2017, or an image folder beside a mask
-    folder) come first: ISIC's own validation and test sets are kept (``validation``, ``testing``), and a
-    layout without a validation set has its training images split 9:1. Otherwise BraTS cases are searched.
+    BraTS cases come first; a folder holding none is searched for 2D images with masks
+    (:func:`bundle.cases.find_image_pairs`: ISIC 2017, or an image folder beside a mask folder): ISIC's own
+    validation and test sets are kept (``validation``, ``testing``), and a layout without a validation set has
+    its training images split 9:1. A folder holding both kinds is read as BraTS, the 2D images reported ignored.
     """
-    pairs = find_image_pairs(dataset_dir)
+    cases, pairs = _layouts(dataset_dir, require_label=True)
+    if cases:
+        train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+        return {"training": train, "validation": val}
     if pairs is not None:
         if not pairs.get("training"):
             raise FileNotFoundError(
@@ -87,8 +100,26 @@ def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dic
         if "validation" not in out:
             out["training"], out["validation"] = split_cases(out["training"], val_fraction=val_fraction, seed=seed)
         return out
-    train, val = split_cases(find_cases(dataset_dir, require_label=True), val_fraction=val_fraction, seed=seed)
-    return {"training": train, "validation": val}
+    find_cases(dataset_dir, require_label=True)  # raises, saying what was searched
+    raise FileNotFoundError(f"no case found under '{dataset_dir}'. Layouts searched: {LAYOUTS_SEARCHED}.")
+
+
+def _layouts(dataset_dir, require_label: bool) -> tuple[list[dict], dict[str, list[dict]] | None]:
+    """``(BraTS cases, 2D sections)`` under ``dataset_dir``; when both are there, the 3D cases win (a BraTS folder
+    may also hold screenshots and a folder called ``labels``) and the 2D layout is reported as ignored."""
+    try:
+        cases = find_cases(dataset_dir, require_label=require_label)
+    except FileNotFoundError:
+        cases = []
+    pairs = find_image_pairs(dataset_dir, require_label=require_label)
+    if cases and pairs is not None:
+        listed = ", ".join(f"{section}: {len(items)} image(s)" for section, items in pairs.items())
+        logger.warning(
+            f"'{dataset_dir}' holds {len(cases)} BraTS case(s) and also 2D images in a 2D layout ({listed}): using the "
+            "BraTS cases, ignoring the 2D images. Point --dataset_dir at the 2D images' folder to use them instead."
+        )
+        pairs = None
+    return cases, pairs
 
 
 def _resolve(path, base: Path, where: str) -> str:
@@ -269,7 +300,7 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
         path = os.path.abspath(root)
         return [{"image": path, "case": case_id(path)}]
     root = check_dataset_dir(dataset_dir)
-    pairs = find_image_pairs(root, require_label=False)
+    cases, pairs = _layouts(root, require_label=False)
     if pairs is not None:
         if key not in pairs:
             raise ValueError(
@@ -278,10 +309,6 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
             )
         items = [{"image": str(root.resolve() / item["image"]), "case": item["case"]} for item in pairs[key]]
         return _with_case_ids(items, f"'{key}' images under '{dataset_dir}'")
-    try:
-        cases = find_cases(root, require_label=False)
-    except FileNotFoundError:
-        cases = []
     if cases:
         items = [
             {"image": [str(root.resolve() / p) for p in item["image"]], "case": item["case"]} for item in cases
@@ -298,14 +325,104 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
     return _with_case_ids(items, f"image files in '{dataset_dir}'")
 
 
-def evaluation_datalist(data_list_file_path, dataset_dir, key: str = "validation") -> list[dict]:
-    """Labelled cases to evaluate: :func:`load_datalist` items, each checked to have a label and given a case id.
+def _relative(path: str, base: str) -> str:
+    """``path`` relative to ``base`` (posix separators) when it lies under it, else unchanged."""
+    if base and os.path.isabs(path) and Path(path).resolve().is_relative_to(Path(base).resolve()):
+        return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+    return path
 
-    With no ``data_list_file_path`` and ``key="validation"`` these are the validation cases of
-    ``configs/train.json`` (the same 9:1 per-grade split of ``dataset_dir``).
+
+def record_split(ckpt_dir, training: Sequence[dict], validation: Sequence[dict], dataset_dir="") -> str:
+    """Write the cases a training uses, ``<ckpt_dir>/datalist.json``, beside the ``model.pt`` it trains.
+
+    The file is a datalist (sections ``training`` and ``validation``, paths relative to ``dataset_dir`` where they
+    lie under it), so evaluation can score exactly the cases the model did not see, however ``dataset_dir`` has
+    changed since (:func:`evaluation_datalist`), and it can be given back as ``--data_list_file_path``. Called
+    from the training config's ``start_checks``; returns the file's path.
     """
-    items = load_datalist(data_list_file_path, dataset_dir, key)
-    source = f"datalist file '{data_list_file_path}'" if data_list_file_path else f"datalist built from '{dataset_dir}'"
+    from .files import write_atomic
+
+    def entry(item: dict) -> dict:
+        out = {k: v for k, v in item.items() if k in ("image", "label", "case", "grade")}
+        image = out.get("image")
+        if isinstance(image, list):
+            out["image"] = [_relative(p, dataset_dir) for p in image]
+        else:
+            out["image"] = _relative(image, dataset_dir)
+        if out.get("label"):
+            out["label"] = _relative(out["label"], dataset_dir)
+        out["case"] = str(item.get("case") or case_id(item["image"]))
+        return out
+
+    record = {
+        "description": "the cases this model was trained and validated on (written by training; bundle.datalist)",
+        "dataset_dir": str(os.path.abspath(dataset_dir)) if dataset_dir else "",
+        "training": [entry(item) for item in training],
+        "validation": [entry(item) for item in validation],
+    }
+    path = os.path.join(str(ckpt_dir), SPLIT_RECORD)
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+    return path
+
+
+def _listed(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+
+
+def _split_record(ckpt_path) -> tuple[str, dict | None]:
+    path = os.path.join(os.path.dirname(str(ckpt_path)), SPLIT_RECORD) if ckpt_path else ""
+    if not path or not os.path.isfile(path):
+        return path, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"the training's split record '{path}' does not load ({error}): restore it, or delete it and give the "
+            "cases to evaluate with --data_list_file_path."
+        ) from error
+    if not isinstance(record, dict) or not isinstance(record.get("training"), list):
+        raise ValueError(f"the training's split record '{path}' has no 'training' list: restore it, or delete it.")
+    return path, record
+
+
+def evaluation_datalist(data_list_file_path, dataset_dir, key: str = "validation", ckpt_path="") -> list[dict]:
+    """Labelled cases to evaluate: :func:`load_datalist` items, each checked to have a label and given a case id,
+    none of them a case the model was trained on.
+
+    The cases a model was trained on are read from the split record its training wrote beside it
+    (:func:`record_split`, ``datalist.json`` beside ``ckpt_path``). With no ``data_list_file_path`` and
+    ``key="validation"`` the record's validation cases are evaluated. Any case of the record's ``training``
+    section is refused, naming it.
+
+    Without a record (weights trained elsewhere), the validation cases are the same 9:1 per-grade split of
+    ``dataset_dir`` as ``configs/train.json`` draws, which is the training's only if ``dataset_dir`` holds the
+    same labelled cases: when the folder holds cases without a label (dropped, so the split would be re-drawn
+    over fewer cases), evaluation is refused, naming them.
+    """
+    record_path, record = _split_record(ckpt_path)
+    if record is not None and not data_list_file_path and key == "validation":
+        base = dataset_dir or record.get("dataset_dir") or os.path.dirname(record_path)
+        items = load_datalist(record_path, base, key)
+        source = f"split record '{record_path}' (the validation cases of the training)"
+    else:
+        items = load_datalist(data_list_file_path, dataset_dir, key)
+        source = (
+            f"datalist file '{data_list_file_path}'" if data_list_file_path else f"datalist built from '{dataset_dir}'"
+        )
+    if record is None and not data_list_file_path:
+        try:
+            unlabelled = [item["case"] for item in find_cases(dataset_dir, require_label=False) if "label" not in item]
+        except (FileNotFoundError, ValueError):
+            unlabelled = []
+        if unlabelled:
+            raise ValueError(
+                f"cannot tell which cases under '{dataset_dir}' the model did not see: no split record beside "
+                f"'{ckpt_path}' ({SPLIT_RECORD}, written by training), and {len(unlabelled)} case(s) there have no "
+                f"label ({_listed(unlabelled)}), so the 9:1 split re-drawn over the others is not the training's "
+                " and would score training cases. Restore their labels, or give "
+                "the held-out cases with --data_list_file_path."
+            )
     if not items:
         raise ValueError(f"{source}: section '{key}' holds no case to evaluate.")
     items = _with_case_ids(items, f"{source}, section '{key}'")
@@ -316,4 +433,14 @@ def evaluation_datalist(data_list_file_path, dataset_dir, key: str = "validation
             f"{', '.join(unlabelled[:5])}{' ...' if len(unlabelled) > 5 else ''} have none. Add 'label' entries, "
             "or segment unlabelled cases with configs/inference.json instead."
         )
+    if record is not None:
+        trained = {str(i.get("case") or case_id(i["image"])) for i in record["training"] if isinstance(i, dict)}
+        seen = [item["case"] for item in items if item["case"] in trained]
+        if seen:
+            raise ValueError(
+                f"{source}, section '{key}': {len(seen)} case(s) to evaluate were used to train this model "
+                f"({_listed(seen)}; split record '{record_path}'): their scores "
+                "would overstate the model. Evaluate the held-out cases (drop --data_list_file_path to use the "
+                "record's validation cases), or remove these from the datalist."
+            )
     return items

@@ -7,6 +7,7 @@
 - :class:`StopOnNonFiniteLoss`: training stops with an error at the first NaN or infinite loss, naming the
   iteration (ignite's ``TerminateOnNan`` only ends the run, which then exits as if it had succeeded).
 - :class:`ValidateAtEnd`: the last epoch is always validated, so no training ends without a ``model.pt``.
+- :func:`require_foreground`: a training set whose labels hold no foreground at all stops before training.
 
 The configs call them from ``initialize`` and ``train#handlers``.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "StopOnNonFiniteLoss",
     "ValidateAtEnd",
     "LOCK_NAME",
+    "require_foreground",
 ]
 
 #: Name of the lock file a training keeps in its state folder.
@@ -199,3 +201,42 @@ class ValidateAtEnd(ValidationHandler):
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=every_interval_or_last), self)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
+
+
+def require_foreground(dataset, regions, key: str = "label") -> bool:
+    """Stop before training when no training label holds any foreground (``True`` once one does).
+
+    Labels that match no region (another convention's values, or labels of the wrong data) would train a
+    segmentor that paints nothing, validate at Dice 0 every epoch and still save a ``model.pt``. Foreground is
+    a voxel in a region whose label values exclude 0 (a multiclass ``background: [0]`` class is not
+    foreground). The labels are read from ``dataset``'s cache (a MONAI ``CacheDataset``, filled once here for
+    the training that follows) or, for items not cached, from their files.
+    """
+    from monai.transforms import LoadImage
+
+    from .cases import case_id
+
+    values = {name: [int(v) for v in vals] for name, vals in dict(regions).items()}
+    channels = [i for i, vals in enumerate(values.values()) if 0 not in vals]
+    wanted = sorted({v for vals in values.values() if 0 not in vals for v in vals})
+    cache = list(getattr(dataset, "_cache", None) or [])
+    data = list(getattr(dataset, "data", []))
+    found = False
+    for index, item in enumerate(data):
+        cached = cache[index] if index < len(cache) else None
+        if isinstance(cached, dict) and key in cached:
+            label = torch.as_tensor(cached[key])
+            found = bool(label[channels].any()) if channels else False
+        elif isinstance(item, dict) and item.get(key):
+            label = torch.as_tensor(LoadImage(image_only=True)(item[key]))
+            found = bool(torch.isin(torch.round(label), torch.tensor(wanted, dtype=label.dtype)).any())
+        if found:
+            return True
+    if data:
+        shown = ", ".join(str(case_id(item) if isinstance(item, dict) else item) for item in data[:5])
+        raise ValueError(
+            f"none of the {len(data)} training label map(s) ({shown}{' ...' if len(data) > 5 else ''}) holds a voxel "
+            f"of any region {values}: the segmentor would learn to paint nothing. Check that the labels are the ground "
+            "truth and that `label_convention` (brats, brats2023, msd) or `regions` match their values."
+        )
+    return found

@@ -40,12 +40,25 @@ class OnnxRuntimeNetwork(torch.nn.Module):
     where onnxruntime-gpu and a GPU are present). The model needs dynamic batch, height and width axes, as
     the README's ``onnx_export`` command writes it.
 
+    With ``weights`` (the config's ``ckpt_path``), the export is checked to come from those weights
+    (:func:`bundle.provenance.check_origin`: its origin record, or else its output against ``reference``, the
+    ``network_def`` they load into), so a stale ``model.onnx`` is refused instead of segmenting with another
+    model.
+
     Args:
         path: the ``.onnx`` file.
         threads: onnxruntime intra-op threads; ``None``: ``torch.get_num_threads()``.
+        weights: the ``model.pt`` the export must come from; ``None``: not checked.
+        reference: a network the weights load into, to compare outputs when the export has no origin record.
     """
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        threads: int | None = None,
+        weights: str | None = None,
+        reference: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__()
         import os
 
@@ -67,6 +80,11 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
+        if weights is not None:
+            from .provenance import check_origin
+
+            channels = self.session.get_inputs()[0].shape[1]
+            check_origin(path, weights, self.forward, reference, channels if isinstance(channels, int) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()

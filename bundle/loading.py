@@ -1,13 +1,15 @@
 """Loading one case with the checks a user's data needs: every file readable, finite, of the dimensionality
-the config declares, and every modality on the same grid, each failure naming the case and file
-(``LoadCaseImaged``, a MONAI ``LoadImaged``)."""
+the config declares, every modality and the label on the same grid (shape and affine), and every modality
+carrying a signal, each failure naming the case and file (``LoadCaseImaged``, a MONAI ``LoadImaged``)."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import NibabelReader
 from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 
@@ -25,17 +27,46 @@ class LoadCaseImaged(LoadImaged):
     Every case must be 3D: one 3D file per modality, or one 4D file (modalities last). A failed load is
     diagnosed file by file (on the error path only, so a good case is read once).
 
+    One check per kind of fault, for every workflow (training, inference, evaluation):
+
+    * **grid**: every key loaded here, and every image of the case loaded before (evaluation loads the label
+      first), must have the same spatial shape and the same affine (within ``affine_tolerance``): a label
+      stored flipped, or modalities with different affines, are named with both files and both affines
+      instead of being compared voxel by voxel;
+    * **trailing singleton axes** of NIfTI files are squeezed before channels are counted, so modality files
+      shaped (X, Y, Z, 1), as some converters write them, stack as modalities, not as one 4D (MSD) case;
+    * **signal**: each channel of ``signal_keys`` (the image) must vary over the head (its nonzero voxels): a
+      constant or empty modality would give an empty segmentation with exit status 0. ``allow_constant``
+      (the configs' ``allow_constant_modality``) lets such a case through.
+
     Args:
         keys: the keys to load, e.g. ``["image", "label"]``.
         case_key: item key holding the case id, for messages.
         spatial_dims: the spatial dimensions each key must have.
+        signal_keys: the keys whose every channel must carry a signal (images, not labels).
+        allow_constant: let a constant or empty modality through.
+        affine_tolerance: largest difference (mm, or direction cosine) allowed between two affines of a case.
         kwargs: other ``LoadImaged`` arguments (``image_only``, ``ensure_channel_first``, ``reader``, ...).
     """
 
-    def __init__(self, keys: KeysCollection, case_key: str = "case", spatial_dims: int = 3, **kwargs) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        case_key: str = "case",
+        spatial_dims: int = 3,
+        signal_keys: KeysCollection = ("image",),
+        allow_constant: bool = False,
+        affine_tolerance: float = 1e-3,
+        **kwargs,
+    ) -> None:
         super().__init__(keys, **kwargs)
         self.case_key = case_key
         self.spatial_dims = int(spatial_dims)
+        self.signal_keys = set(ensure_tuple(signal_keys))
+        self.allow_constant = bool(allow_constant)
+        self.affine_tolerance = float(affine_tolerance)
+        if kwargs.get("reader") is None:  # picked first for .nii/.nii.gz; other formats keep MONAI's readers
+            self._loader.register(_TrailingSingletonsSqueezed())
 
     def _case(self, data: Mapping) -> str:
         if data.get(self.case_key):
@@ -70,14 +101,65 @@ class LoadCaseImaged(LoadImaged):
                     "modalities last). Convert the file, or remove the case."
                 )
             shapes[key] = spatial
-            self._check_finite(d, key, [str(f) for f in ensure_tuple(data[key])])
-        if len(set(shapes.values())) > 1:
-            listed = "; ".join(f"{key} {_quoted(data[key])}: {shape}" for key, shape in shapes.items())
+            files = [str(f) for f in ensure_tuple(data[key])]
+            self._check_finite(d, key, files)
+            if key in self.signal_keys and not self.allow_constant:
+                self._check_signal(d, key, files)
+        # images of this case loaded by an earlier transform (evaluation loads the label first)
+        earlier = {
+            k: tuple(int(v) for v in np.asarray(v.meta["spatial_shape"]).tolist())
+            for k, v in d.items()
+            if k not in shapes and hasattr(v, "meta") and "spatial_shape" in v.meta and "filename_or_obj" in v.meta
+        }
+        if len(set(shapes.values()) | set(earlier.values())) > 1:
+            names = {k: _quoted(data[k]) for k in shapes}
+            names.update({k: _quoted(d[k].meta["filename_or_obj"]) for k in earlier})
+            listed = "; ".join(f"{k} {names[k]}: {shape}" for k, shape in {**shapes, **earlier}.items())
             raise ValueError(
                 f"{self._case(d)}: its files are on different grids ({listed}). An image and its label must have the "
                 "same shape: resample them to one grid, or remove the case."
             )
+        self._check_affines(d, [*shapes, *earlier])
         return d
+
+    def _check_affines(self, d: Mapping, keys: list) -> None:
+        """Every image of the case in one space: the same affine (the shapes are checked already)."""
+        affines = {k: np.asarray(d[k].meta["original_affine"], dtype=float) for k in keys if _affine_known(d[k])}
+        if len(affines) < 2:
+            return
+        (first, reference), *others = affines.items()
+        for key, affine in others:
+            if not np.allclose(affine, reference, rtol=0, atol=self.affine_tolerance):
+                raise ValueError(
+                    f"{self._case(d)}: {_quoted(d[first].meta['filename_or_obj'])} and "
+                    f"{_quoted(d[key].meta['filename_or_obj'])} have the same shape but different affines (largest "
+                    f"difference {np.abs(affine - reference).max():.4g}):\n{first}: {_affine_text(reference)}\n"
+                    f"{key}: {_affine_text(affine)}\nTheir voxels are not the same places (e.g. a label stored "
+                    "flipped): resample the label onto the image's grid (nearest neighbour), or remove the case."
+                )
+
+    def _check_signal(self, d: Mapping, key: Hashable, files: list[str]) -> None:
+        """Refuse a modality that is constant over the head (its nonzero voxels), or empty."""
+        image = torch.as_tensor(d[key])
+        channel_dim = _channel_dim(d[key], self._loader.ensure_channel_first)
+        channels = [image] if channel_dim is None else list(torch.unbind(image, channel_dim))
+        for c, channel in enumerate(channels):
+            head = channel[channel != 0]
+            if head.numel() and bool(head.min() < head.max()):
+                continue
+            what = "empty (every voxel is 0)" if not head.numel() else (
+                f"constant over the head (its {head.numel()} nonzero voxel(s) all {float(head[0]):g})"
+            )
+            where = _quoted(files)
+            if len(files) == len(channels) > 1:
+                where = f"'{files[c]}'"
+            elif len(channels) > 1:
+                where = f"{where} (channel {c})"
+            raise ValueError(
+                f"{self._case(d)}: {where} is {what}: the network would see no signal in it and segment nothing. "
+                "Check the file (e.g. a failed conversion or export), or set --allow_constant_modality true to run "
+                "the case anyway."
+            )
 
     def _check_finite(self, d: Mapping, key: Hashable, files: list[str]) -> None:
         image = torch.as_tensor(d[key])
@@ -98,6 +180,7 @@ class LoadCaseImaged(LoadImaged):
         """Raise an error naming the file that does not load, or the shapes that do not stack."""
         case = self._case(data)
         single = LoadImage(image_only=True)
+        single.register(_TrailingSingletonsSqueezed())
         for key in self.key_iterator(dict(data)):
             files = [str(f) for f in ensure_tuple(data[key])]
             shapes = {}
@@ -116,9 +199,46 @@ class LoadCaseImaged(LoadImaged):
                     f"{case}: its modality files have different shapes ({listed}). All modalities of a case must be "
                     "on one grid: resample them to one (e.g. the T1c's), or remove the case."
                 ) from error
+            affines = {f: np.asarray(single(f).affine, dtype=float) for f in files} if len(files) > 1 else {}
+            reference = affines.get(files[0])
+            for file, affine in affines.items():
+                if not np.allclose(affine, reference):  # MONAI's own test when it stacks the files
+                    raise ValueError(
+                        f"{case}: modality files '{files[0]}' and '{file}' have the same shape but different affines "
+                        f"(largest difference {np.abs(affine - reference).max():.4g}):\n'{files[0]}': "
+                        f"{_affine_text(reference)}\n'{file}': {_affine_text(affine)}\nAll modalities of a case must "
+                        "be in one space: resample them onto one grid (e.g. the T1c's), or remove the case."
+                    ) from error
         files = [str(f) for key in self.key_iterator(dict(data)) for f in ensure_tuple(data[key])]
         raise ValueError(f"{case}: loading {files} failed: {type(error).__name__}: {error}") from error
 
 
 def _quoted(files) -> str:
     return ", ".join(f"'{f}'" for f in ensure_tuple(files))
+
+
+class _TrailingSingletonsSqueezed(NibabelReader):
+    """``NibabelReader`` that drops trailing singleton axes past the third: a 3D volume stored as (X, Y, Z, 1)
+    or (X, Y, Z, 1, 1) is read as (X, Y, Z), so it counts as one modality, not as a 4D file of one channel."""
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        while data.ndim > 3 and data.shape[-1] == 1:
+            data = data[..., 0]
+        return data
+
+
+def _affine_known(image) -> bool:
+    return hasattr(image, "meta") and image.meta.get("original_affine") is not None and "filename_or_obj" in image.meta
+
+
+def _affine_text(affine: np.ndarray) -> str:
+    return np.array2string(np.asarray(affine), precision=4, suppress_small=True, separator=", ").replace("\n", "")
+
+
+def _channel_dim(image, channel_first: bool) -> int | None:
+    """The channel axis of a loaded image: 0 when made channel-first, else its reader's ``original_channel_dim``."""
+    if channel_first:
+        return 0
+    channel_dim = str(getattr(image, "meta", {}).get("original_channel_dim", "no_channel"))
+    return None if channel_dim in ("nan", "no_channel") else int(channel_dim) % image.ndim

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import SaveImaged
+from monai.transforms import Compose, SaveImaged
+from monai.utils import ensure_tuple
 
-from .cases import case_id, loaded_from
+from .cases import case_id, is_case_file, loaded_from
 from .files import atomic_path
 
-__all__ = ["SaveCaseImaged", "source_file"]
+__all__ = ["SaveCaseImaged", "source_file", "refuse_overwriting_inputs"]
 
 
 def source_file(image, meta_data: Mapping | None = None) -> str | None:
@@ -155,3 +156,64 @@ class SaveCaseImaged(SaveImaged):
         header["cal_min"], header["cal_max"] = 0, 0
         nib.save(nib.Nifti1Image(array.astype(dtype), None, header), path)
         return True
+
+
+def _savers(transforms) -> list[SaveCaseImaged]:
+    """The ``SaveCaseImaged`` transforms in ``transforms`` (a transform, a ``Compose`` or a list, nested)."""
+    if isinstance(transforms, SaveCaseImaged):
+        return [transforms]
+    if isinstance(transforms, Compose):
+        transforms = transforms.transforms
+    if isinstance(transforms, (list, tuple)):
+        return [saver for t in transforms for saver in _savers(t)]
+    return []
+
+
+def refuse_overwriting_inputs(items: Iterable[Mapping], postprocessing, dataset_dir: str = "") -> None:
+    """Refuse, before any case runs, an output file that would overwrite or pose as an input.
+
+    For every case and every ``SaveCaseImaged`` in ``postprocessing`` (none: nothing is written, nothing to
+    check), the output path must not be
+
+    * any input file of the run (an image or label of any case, links resolved), nor
+    * inside ``dataset_dir`` under a name that is already a file there or that the case scan reads as data
+      (``<case>_seg.nii.gz`` is a BraTS label): with ``--output_dir`` equal to a flat BraTS folder, inference
+      would write its label maps over the ground truth, and a later evaluation would score them against
+      themselves (Dice 1.000).
+
+    The error names the output, the file it would replace and what to change. Called from the inference
+    config's ``start_checks``.
+    """
+    savers = _savers(postprocessing)
+    if not savers:
+        return
+    items = list(items)
+    inputs = {}
+    for item in items:
+        for key in ("image", "label"):
+            for file in ensure_tuple(item.get(key) or ()):
+                if isinstance(file, (str, os.PathLike)):
+                    inputs.setdefault(os.path.realpath(file), (item.get("case"), key))
+    data_dir = os.path.realpath(dataset_dir) if dataset_dir and os.path.isdir(dataset_dir) else ""
+    for item in items:
+        for saver in savers:
+            for key in saver.keys:
+                out = os.path.realpath(saver.output_path(item, key))
+                case = item.get("case")
+                if out in inputs:
+                    other, what = inputs[out]
+                    raise ValueError(
+                        f"the output of case '{case}', '{out}', is the {what} file of case '{other}': writing it would "
+                        "destroy an input of this run. Set --output_dir to another folder (or another "
+                        "--output_postfix)."
+                    )
+                inside = data_dir and out.startswith(data_dir + os.sep)
+                name = os.path.basename(out)
+                if inside and (os.path.exists(out) or is_case_file(name)):
+                    what = "a name the case scan reads as data"
+                    what = "a file that is already there" if os.path.exists(out) else what
+                    raise ValueError(
+                        f"the output of case '{case}', '{out}', would be written inside dataset_dir '{dataset_dir}' as "
+                        f"{what} (e.g. a BraTS label, <case>_seg.nii.gz): it would overwrite the ground truth or be "
+                        "taken for it by a later run. Set --output_dir to a folder outside dataset_dir."
+                    )

@@ -103,6 +103,11 @@ class LabelToRegionsd(MapTransform):
     ``{"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]}`` (SPEC section 2).
     Label values in no region (besides 0) raise an error naming the file, since they mean the regions do
     not match the dataset's convention.
+
+    A label map stored as floating point is read to the nearest integer when every voxel lies within
+    ``tolerance`` of one (a converter that wrote 4.0000005 for 4 would otherwise match no region and score
+    Dice 0); a value farther from an integer (an interpolated label, an image given as the label) is an
+    error naming the file and the first such values.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class LabelToRegionsd(MapTransform):
         keys: KeysCollection,
         regions: Mapping[str, Sequence[int]],
         dtype: torch.dtype = torch.uint8,
+        tolerance: float = 1e-3,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -118,6 +124,23 @@ class LabelToRegionsd(MapTransform):
         self.regions = {str(k): [int(v) for v in vals] for k, vals in dict(regions).items()}
         self.known = {0}.union(*self.regions.values())
         self.dtype = dtype
+        self.tolerance = float(tolerance)
+
+    def _integers(self, label: torch.Tensor, name: str) -> torch.Tensor:
+        """``label`` with every value an integer: floats within ``tolerance`` of one are rounded, others refused."""
+        if not label.is_floating_point():
+            return label
+        rounded = torch.round(label)
+        off = (label - rounded).abs() > self.tolerance
+        if bool(off.any()):
+            values = torch.unique(label[off])
+            listed = ", ".join(f"{float(v):.6g}" for v in values[:5]) + (" ..." if len(values) > 5 else "")
+            raise ValueError(
+                f"{name}: {int(off.sum())} label voxel(s) are not integers (e.g. {listed}; tolerance "
+                f"{self.tolerance:g}). A label map holds integer label values: if it was resampled, resample it again "
+                "with nearest-neighbour interpolation; check that this file is the label, not an image."
+            )
+        return rounded
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -125,7 +148,7 @@ class LabelToRegionsd(MapTransform):
             label = d[key]
             if label.shape[0] != 1:
                 raise ValueError(f"{source_name(d, key)}: a label map needs 1 channel, got shape {tuple(label.shape)}.")
-            label_t = torch.as_tensor(label)
+            label_t = self._integers(torch.as_tensor(label), source_name(d, key))
             values = {int(v) for v in torch.unique(label_t).tolist()}
             unknown = sorted(values - self.known)
             if unknown:
