@@ -253,8 +253,7 @@ def _count_parameters(configs: Sequence[str], overrides: Mapping) -> tuple[int, 
     parser = _parser(configs, overrides)
     network = parser.get_parsed_content("network_def")
     count = sum(p.numel() for p in network.parameters())
-    trainer = parser.get("train#trainer") or {}
-    uses_critic = "critic" in trainer or "discriminator" in trainer
+    uses_critic = parser.get("critic") is not None  # the U-net baseline's overlay sets no critic
     critic = sum(p.numel() for p in parser.get_parsed_content("critic_def").parameters()) if uses_critic else 0
     return int(count), int(critic)
 

@@ -1,0 +1,117 @@
+"""Overlays only say what differs from configs/train.json: every training overlay composed on it keeps the
+same trainer arguments (AMP included), handler list and run lists unless the overlay states the difference by
+a named key (``train#trainer_def`` for another method's trainer, ``critic`` null for a method without one,
+``main_process`` and ``+initialize`` for several processes)."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.demo import make_demo_dataset
+from helpers import ROOT, TINY
+
+CONFIGS = ROOT / "configs"
+TRAIN = str(CONFIGS / "train.json")
+
+#: Every training overlay, each composed as a user runs it (the Moeskops ones on top of their class setup).
+OVERLAYS = {
+    **{os.path.relpath(f, CONFIGS): [f] for f in sorted(glob.glob(str(CONFIGS / "variants" / "*.json")))},
+    **{
+        f"moeskops/{name}.json": [str(CONFIGS / "moeskops" / f"{n}.json") for n in ("multiclass", "fcn", name)]
+        for name in ("multiclass", "fcn", "dilated", "adversarial")
+    },
+    **{name: [str(CONFIGS / name)] for name in ("multi_gpu_train.json", "demo.json", "adam.json", "isic.json")},
+    "isic_demo.json": [str(CONFIGS / "isic.json"), str(CONFIGS / "isic_demo.json")],
+}
+#: Keys an overlay must never re-spell: a copy drifts from train.json (it did: amp_kwargs, curves, cudnn).
+RESPELLED = ("train", "train#handlers", "train#trainer", "initialize", "run", "training", "start_checks")
+
+
+def _parser(files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([TRAIN, *files])
+    parser.update(overrides)
+    return parser
+
+
+def _base() -> ConfigParser:
+    return _parser([])
+
+
+def test_every_overlay_file_is_covered():
+    files = {os.path.relpath(f, CONFIGS) for f in glob.glob(str(CONFIGS / "*" / "*.json"))}
+    training = {f for f in files if f.startswith(("variants/", "moeskops/"))}
+    assert training <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_no_overlay_re_spells_the_trainer_the_handlers_or_the_run_lists(name):
+    with open(OVERLAYS[name][-1]) as f:
+        keys = set(json.load(f))
+    assert not keys & set(RESPELLED), f"{name} re-spells {sorted(keys & set(RESPELLED))}: set a named key instead"
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_every_overlay_keeps_the_shared_trainer_arguments_handlers_and_run_lists(name):
+    base, parser = _base(), _parser(OVERLAYS[name])
+    assert parser["train#trainer"] == base["train#trainer"]  # amp, amp_kwargs, handlers, data: one spelling
+    assert parser["train#handlers"] == base["train#handlers"]
+    assert parser["run"] == base["run"] and parser["training"] == base["training"]
+    if name == "multi_gpu_train.json":  # initialising the process group comes on top of train.json's steps
+        assert parser["initialize"][: len(base["initialize"])] == base["initialize"]
+        assert any("init_process_group" in step for step in parser["initialize"])
+    else:
+        assert parser["initialize"] == base["initialize"]
+
+
+def test_the_old_run_id_runs_initialize_then_run():
+    """``monai.bundle run training`` of MONAI < 1.2 runs only the ``training`` list."""
+    base = _base()
+    assert base["training"] == base["initialize"] + base["run"]
+    assert any("set_cudnn_benchmark" in step for step in base["initialize"])
+
+
+def test_folders_are_locked_and_cleaned_by_the_main_process_only():
+    checks = _base()["start_checks"]
+    for name in ("lock_folder", "writable_folder", "remove_stale_temporaries"):
+        assert all(check.endswith("if @main_process else None") for check in checks if name in check)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "name, trainer, critic",
+    [
+        (None, "SegANTrainer", True),
+        ("variants/unet.json", "AutocastSupervisedTrainer", False),
+        ("moeskops/adversarial.json", "MoeskopsTrainer", True),
+        ("variants/s3_1c.json", "SegANTrainer", True),
+    ],
+)
+def test_every_method_trains_under_the_same_amp_settings_and_handlers(name, trainer, critic, demo_dir, tmp_path):
+    files = OVERLAYS[name] if name else []
+    settings = {"amp": True, "amp_dtype": "bfloat16", "device": "$torch.device('cpu')", "progress": False}
+    if name and name.startswith("moeskops"):
+        settings["patch_size"] = [48, 48]  # room for the discriminator's 21 + 2 x 2 pixel image patches
+    parser = _parser(files, **{**TINY, "dataset_dir": demo_dir, "bundle_root": str(tmp_path), **settings})
+    engine = parser.get_parsed_content("train#trainer")
+    assert type(engine).__name__ == trainer
+    assert engine.amp is True and engine.amp_kwargs == {"dtype": torch.bfloat16}
+    base = _parser([], **{**TINY, "dataset_dir": demo_dir, "bundle_root": str(tmp_path), **settings})
+    handlers = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
+    expected = [type(h).__name__ for h in base.get_parsed_content("train#handlers")]
+    if not critic:  # no critic: nothing to schedule, log or save for it
+        expected.remove("LrScheduleHandler")
+        assert parser.get_parsed_content("critic") is None
+    assert handlers == expected and "TrainingCurves" in handlers
+    state = parser.get_parsed_content("train#state_saver").save_dict
+    assert ("critic" in state) == critic and {"network", "optimizer", "trainer", "model_saver"} <= set(state)
