@@ -144,9 +144,16 @@ class LoadCaseImaged(LoadImaged):
         channel_dim = _channel_dim(d[key], self._loader.ensure_channel_first)
         channels = [image] if channel_dim is None else list(torch.unbind(image, channel_dim))
         for c, channel in enumerate(channels):
-            head = channel[channel != 0]
-            if head.numel() and bool(head.min() < head.max()):
+            flat = channel.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)]  # two distinct nonzero values settle it at once
+            sample = sample[sample != 0]
+            if sample.numel() and bool(sample.min() < sample.max()):
                 continue
+            low, high = torch.aminmax(flat)
+            value = high if bool(high != 0) else low
+            if not bool(((flat == 0) | (flat == value)).all()):
+                continue
+            head = flat[flat != 0]
             what = "empty (every voxel is 0)" if not head.numel() else (
                 f"constant over the head (its {head.numel()} nonzero voxel(s) all {float(head[0]):g})"
             )
