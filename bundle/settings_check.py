@@ -128,8 +128,17 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     **{
         key: _boolean
         for key in (
-            "amp", "resume", "progress", "continue_on_error", "val_whole_volume", "crop_foreground", "lesion_wise",
-            "save_predictions", "slice_major", "allow_constant_modality", "head_guard",
+            "amp",
+            "resume",
+            "progress",
+            "continue_on_error",
+            "val_whole_volume",
+            "crop_foreground",
+            "lesion_wise",
+            "save_predictions",
+            "slice_major",
+            "allow_constant_modality",
+            "head_guard",
         )
     },
 }

@@ -167,7 +167,10 @@ def test_modalities_with_different_affines_name_the_two_files(tmp_path, demo_dir
     with pytest.raises(ValueError) as error:
         LoadCaseImaged(["image", "label"], image_only=True)(item)
     text = str(error.value)
-    assert f"modality files '{item['image'][0]}' and '{item['image'][2]}' have the same shape but different affines" in text
+    assert (
+        f"modality files '{item['image'][0]}' and '{item['image'][2]}' have the same shape but different affines"
+        in text
+    )
     assert "largest difference 5" in text
 
 
@@ -207,7 +210,9 @@ def test_output_dir_equal_to_a_flat_brats_folder_is_refused_and_the_ground_truth
     with pytest.raises(Exception) as error:
         run(config_file=INFERENCE, dataset_dir=str(flat), output_dir=str(flat), ckpt_path=str(weights), **SMALL_NET)
     text = _messages(error.value)
-    assert f"the output of case 'Demo_000', '{flat / 'Demo_000_seg.nii.gz'}', would be written inside dataset_dir" in text
+    assert (
+        f"the output of case 'Demo_000', '{flat / 'Demo_000_seg.nii.gz'}', would be written inside dataset_dir" in text
+    )
     assert "--output_dir" in text
     assert (flat / "Demo_000_seg.nii.gz").read_bytes() == truth
     assert sorted(p.name for p in flat.iterdir()) == sorted(f"Demo_000_{m}.nii.gz" for m in (*MODALITIES, "seg"))
@@ -238,7 +243,10 @@ def test_linked_case_folders_are_followed_and_every_skipped_file_is_listed(tmp_p
         items = inference_datalist(str(data))
     assert [item["case"] for item in items] == ["Demo_000", "Demo_001", "Demo_002"]
     assert f"found 3 case(s) under '{data}' (3 with a label)" in caplog.text
-    assert "1 not a BraTS file name (notes.txt)" in caplog.text and "1 a link to a folder already scanned (loop)" in caplog.text
+    assert (
+        "1 not a BraTS file name (notes.txt)" in caplog.text
+        and "1 a link to a folder already scanned (loop)" in caplog.text
+    )
 
 
 def test_a_brats_folder_with_screenshots_and_a_labels_folder_is_read_as_brats(tmp_path, demo_dir, caplog):
@@ -272,7 +280,9 @@ def test_evaluation_never_scores_a_case_the_model_was_trained_on(tmp_path, demo_
     trained = next(item for item in split["training"] if item is not lost)
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps({"validation": [trained]}))
-    with pytest.raises(ValueError, match=rf"1 case\(s\) to evaluate were used to train this model \({trained['case']};"):
+    with pytest.raises(
+        ValueError, match=rf"1 case\(s\) to evaluate were used to train this model \({trained['case']};"
+    ):
         evaluation_datalist(str(listed), str(data), "validation", str(ckpt))
     # no record and a case dropped for its missing label: refused, naming it
     os.remove(ckpt.parent / SPLIT_RECORD)
@@ -281,11 +291,15 @@ def test_evaluation_never_scores_a_case_the_model_was_trained_on(tmp_path, demo_
 
 
 def test_training_records_its_split_beside_the_model(tmp_path, demo_dir):
-    run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **{**TINY, "max_epochs": 1})
+    run(
+        "training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **{**TINY, "max_epochs": 1}
+    )
     record = json.loads((tmp_path / "models" / SPLIT_RECORD).read_text())
     split = build_datalist(str(demo_dir))
     assert [i["case"] for i in record["validation"]] == [i["case"] for i in split["validation"]]
-    assert record["training"][0]["image"][0] == f"{split['training'][0]['case']}/{split['training'][0]['case']}_t1.nii.gz"
+    assert (
+        record["training"][0]["image"][0] == f"{split['training'][0]['case']}/{split['training'][0]['case']}_t1.nii.gz"
+    )
     assert (tmp_path / "models" / "model.pt").exists()
 
 
@@ -325,12 +339,24 @@ def test_every_shipped_config_passes_the_settings_check():
 
 def test_the_settings_check_runs_before_any_work(tmp_path, demo_dir, weights):
     with pytest.raises(Exception) as error:
-        run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **{**TINY, "max_epochs": "ten"})
+        run(
+            "training",
+            config_file=TRAIN,
+            bundle_root=str(tmp_path),
+            dataset_dir=str(demo_dir),
+            **{**TINY, "max_epochs": "ten"},
+        )
     assert "`max_epochs` is 'ten' (str); it must be an integer >= 1. Fix --max_epochs." in _messages(error.value)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "models").exists()
     with pytest.raises(Exception) as error:
-        run(config_file=INFERENCE, dataset_dir=str(demo_dir), output_dir=str(tmp_path / "out"), ckpt_path=str(weights),
-            threshold=1.5, **SMALL_NET)
+        run(
+            config_file=INFERENCE,
+            dataset_dir=str(demo_dir),
+            output_dir=str(tmp_path / "out"),
+            ckpt_path=str(weights),
+            threshold=1.5,
+            **SMALL_NET,
+        )
     assert "`threshold` is 1.5 (float); it must be a number in (0, 1)" in _messages(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -351,13 +377,27 @@ def test_an_onnx_export_of_other_weights_is_refused_naming_both_files(tmp_path, 
     torch.manual_seed(1)
     torch.save(_network().state_dict(), models / "other.pt")
     onnx_export(
-        net_id="network_def", filepath=str(models / "model.onnx"), ckpt_file=str(models / "other.pt"),
-        config_file=INFERENCE, use_trace=True, input_shape=[1, 3, 64, 64], features=TINY["features"],
-        converter_kwargs={"dynamo": False, "input_names": ["image"], "output_names": ["pred"],
-                          "dynamic_axes": {"image": {0: "batch", 2: "h", 3: "w"}, "pred": {0: "batch", 2: "h", 3: "w"}}},
+        net_id="network_def",
+        filepath=str(models / "model.onnx"),
+        ckpt_file=str(models / "other.pt"),
+        config_file=INFERENCE,
+        use_trace=True,
+        input_shape=[1, 3, 64, 64],
+        features=TINY["features"],
+        converter_kwargs={
+            "dynamo": False,
+            "input_names": ["image"],
+            "output_names": ["pred"],
+            "dynamic_axes": {"image": {0: "batch", 2: "h", 3: "w"}, "pred": {0: "batch", 2: "h", 3: "w"}},
+        },
     )
-    infer = dict(config_file=INFERENCE, dataset_dir=str(demo_dir / "Demo_000"), backend="onnxruntime",
-                 onnx_path=str(models / "model.onnx"), **SMALL_NET)
+    infer = dict(
+        config_file=INFERENCE,
+        dataset_dir=str(demo_dir / "Demo_000"),
+        backend="onnxruntime",
+        onnx_path=str(models / "model.onnx"),
+        **SMALL_NET,
+    )
     with pytest.raises(Exception) as error:  # no record: compared by what it computes
         run(output_dir=str(tmp_path / "out"), ckpt_path=str(models / "model.pt"), **infer)
     text = _messages(error.value)
