@@ -272,9 +272,9 @@ class SegANTrainer(AlternatingTrainer):
 
 
 class LossShareLogger:
-    """Log, every epoch, which share of the adversarial loss each critic layer carried (per region).
+    """Log, every epoch, which share of its critic's adversarial loss each critic layer carried (per region).
 
-    Sums the trainer's ``loss_terms`` output over the epoch and logs one line per critic, e.g.
+    Sums the trainer's ``loss_terms`` output over the epoch and logs one line per critic, each summing to 1, e.g.
     ``whole_tumor: 0.41 0.27 0.19 0.13`` for layers 0 (the masked input) to 3. A loss carried almost wholly
     by layer 0 means the critics have stopped shaping it (see ``clip_params``). The last epoch's shares are
     kept in ``engine.state.loss_shares`` as ``{critic name: [share per layer]}``.
@@ -306,7 +306,7 @@ class LossShareLogger:
     def __call__(self, engine: Trainer) -> None:
         if self._total is None:
             return
-        shares = self._total / self._total.sum().clamp_min(1e-12)
+        shares = self._total / self._total.sum(dim=1, keepdim=True).clamp_min(1e-12)  # each critic's row sums to 1
         names = self.critic_names if self.critic_names and len(self.critic_names) == len(shares) else None
         names = names or [f"critic{i}" if len(shares) > 1 else "critic" for i in range(len(shares))]
         engine.state.loss_shares = {n: [round(float(v), 4) for v in row] for n, row in zip(names, shares)}

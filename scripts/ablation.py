@@ -253,7 +253,8 @@ def _count_parameters(configs: Sequence[str], overrides: Mapping) -> tuple[int, 
     parser = _parser(configs, overrides)
     network = parser.get_parsed_content("network_def")
     count = sum(p.numel() for p in network.parameters())
-    uses_critic = parser.get("critic") is not None  # the U-net baseline's overlay sets no critic
+    trainer = parser.get("train#trainer") or {}
+    uses_critic = "critic" in trainer or "discriminator" in trainer
     critic = sum(p.numel() for p in parser.get_parsed_content("critic_def").parameters()) if uses_critic else 0
     return int(count), int(critic)
 
@@ -347,8 +348,8 @@ def largest_drops(history: Sequence[Mapping[str, Any]], prefix: str = "val_dice_
 
 
 def last_loss_shares(log: str) -> dict[str, list[float]]:
-    """Each critic layer's share of the adversarial loss in the last epoch, from ``LossShareLogger``'s log line
-    (``{critic: [share of layer 0, 1, ...]}``); empty for a trainer without critics."""
+    """Each critic layer's share of its critic's adversarial loss in the last epoch, from ``LossShareLogger``'s log
+    line (``{critic: [share of layer 0, 1, ...]}``, each row summing to 1); empty for a trainer without critics."""
     marker = "share of the adversarial loss per critic layer (0 = masked input): "
     lines = [line for line in log.splitlines() if marker in line]
     if not lines:
@@ -356,7 +357,8 @@ def last_loss_shares(log: str) -> dict[str, list[float]]:
     shares = {}
     for part in lines[-1].split(marker, 1)[1].split("; "):
         name, _, values = part.partition(": ")
-        shares[name.strip()] = [float(v) for v in values.split()]
+        row = [float(v) for v in values.split()]
+        shares[name.strip()] = [v / (sum(row) or 1.0) for v in row]  # each critic's row sums to 1
     return shares
 
 
@@ -420,7 +422,8 @@ def summarise(results: Sequence[dict], row_order: Sequence[str]) -> list[dict]:
                 [d for r in runs if (d := r.get("largest_drop", {}).get(region)) is not None and math.isfinite(d)],
                 default=None,
             )
-        shares = [r["loss_shares"] for r in runs if r.get("loss_shares")]
+        shares = [{c: [v / (sum(row) or 1.0) for v in row] for c, row in r["loss_shares"].items()}
+                  for r in runs if r.get("loss_shares")]  # each critic's row sums to 1
         summary["loss_shares"] = {
             critic: [round(statistics.fmean(s[critic][i] for s in shares), 3) for i in range(len(values))]
             for critic, values in shares[0].items()

@@ -189,7 +189,7 @@ def test_layer_terms_sum_to_the_adversarial_loss_and_are_logged_per_region(caplo
     assert terms.shape == (2, 4)  # 2 critics (regions) x 4 layers (masked input + 3 blocks)
     torch.testing.assert_close(terms.sum(), trainer.state.output["adversarial_loss"])
     shares = trainer.state.loss_shares
-    assert list(shares) == ["whole", "core"] and abs(sum(map(sum, shares.values())) - 1.0) < 1e-3
+    assert list(shares) == ["whole", "core"] and all(abs(sum(row) - 1.0) < 1e-3 for row in shares.values())
     assert any("whole:" in r.getMessage() and "core:" in r.getMessage() for r in caplog.records)
 
 
@@ -242,3 +242,34 @@ def test_several_critic_steps_go_through_one_gradient_scaler():
 
     trainer.run()
     assert trainer.scaler.get_scale() > 0
+
+
+def _air_batch():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(8, 2, 32, 32, generator=g) + 0.5
+    image[..., :10] = 0  # the air the intensity normalisation zeroes, along the input's border
+    label = torch.zeros(8, 1, 32, 32)
+    label[:, 0, 10:22, 14:26] = (image[:, 0, 10:22, 14:26] > 1.0).float()
+    return {"image": image, "label": label}
+
+
+@pytest.mark.parametrize("input_mode, paints_air", [("masked", True), ("masked_map", False), ("shifted", False)])
+def test_a_segmentor_that_starts_painting_everywhere_unlearns_the_air_only_when_the_critic_sees_it(input_mode, paints_air):
+    """Xue et al. 2018's literal x o S(x) gives the loss no gradient where x = 0: a segmentor whose output starts
+    at ~0.95 everywhere keeps painting the air; a critic input that sees every prediction trains it away."""
+    torch.manual_seed(0)
+    seg = SegANSegmentor(in_channels=2, out_channels=1, features=(8, 16, 32, 64))
+    with torch.no_grad():
+        seg.head[1].conv.bias.fill_(3.0)
+    critic = SegANCritics(in_channels=2, num_regions=1, features=(8, 16, 32), input_mode=input_mode)
+    adam = dict(lr=1e-2, betas=(0.5, 0.999))
+    trainer = SegANTrainer("cpu", 1, [_air_batch()] * 40, seg, critic, torch.optim.Adam(seg.parameters(), **adam),
+                           torch.optim.Adam(critic.parameters(), **adam), clip=0.05)
+    trainer.run()
+    seg.eval()
+    with torch.no_grad():
+        air = torch.sigmoid(seg(_air_batch()["image"]))[..., :10]
+    if paints_air:
+        assert air.mean() > 0.5
+    else:
+        assert air.max() < 0.5
