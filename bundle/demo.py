@@ -53,14 +53,37 @@ def _case_name(index: int) -> str:
     return f"Demo_{index:03d}"
 
 
-def _manifest_params(num_cases: int, shape, seed: int, difficulty: float = 0.0, background_noise: float = 0.0) -> dict:
+def _manifest_params(
+    num_cases: int, shape, seed: int, difficulty: float = 0.0, background_noise: float = 0.0, frame=None
+) -> dict:
     params = {
         "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed),
         "difficulty": float(difficulty),
     }
     if background_noise:
         params["background_noise"] = float(background_noise)
+    if frame is not None:
+        params["frame"] = list(frame)
     return params
+
+
+def _check_frame(frame, shape) -> tuple[int, int, int] | None:
+    """``frame`` (None, or three sizes at least ``shape``'s) checked, as a tuple."""
+    if frame is None or (isinstance(frame, str) and frame.strip().lower() in ("", "none", "null")):
+        return None
+    frame = check_shape(frame)
+    if any(f < s for f, s in zip(frame, shape)):
+        raise ValueError(f"demo frame {list(frame)} must be at least the head's shape {list(shape)} on every axis.")
+    return frame
+
+
+def _in_frame(array: np.ndarray, frame) -> np.ndarray:
+    """``array`` centred in a ``frame`` of zeros (the air around a head in a BraTS volume); itself if no frame."""
+    if frame is None:
+        return array
+    out = np.zeros(frame, array.dtype)
+    out[tuple(slice((f - s) // 2, (f - s) // 2 + s) for f, s in zip(frame, array.shape))] = array
+    return out
 
 
 def _is_complete(output_dir: Path, params: dict) -> bool:
@@ -73,7 +96,7 @@ def _is_complete(output_dir: Path, params: dict) -> bool:
     except (OSError, ValueError):
         return False
     content.setdefault("difficulty", 0.0)  # written before the setting existed: the default demo
-    if {k: content.get(k) for k in params} != params:
+    if {k: content.get(k) for k in params} != params or content.get("frame") != params.get("frame"):
         return False
     for i in range(params["num_cases"]):
         case = _case_name(i)
@@ -91,10 +114,12 @@ def make_demo_dataset(
     progress: bool = False,
     difficulty: float = 0.0,
     background_noise: float = 0.0,
+    frame=None,
 ) -> str:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
 
-    Cases are called ``Demo_000``, ``Demo_001``, ...; images are float32, labels uint8, with a 1 mm diagonal
+    ``frame`` (e.g. ``[240, 240, 155]``) centres each ``shape`` head in a larger volume of zeros, as a BraTS brain
+    sits in its 240x240x155 frame with air around it (default: the volume is the head's box). Cases are called ``Demo_000``, ``Demo_001``, ...; images are float32, labels uint8, with a 1 mm diagonal
     affine. Files are written into a hidden sibling folder that is renamed to ``output_dir`` at the end, so an
     interrupted run never leaves a half-written dataset. An existing demo dataset at ``output_dir`` (or an
     empty folder) is replaced; any other existing folder is refused.
@@ -109,12 +134,13 @@ def make_demo_dataset(
             "or remove it first."
         )
     difficulty_settings(difficulty)  # checked before anything is written
-    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise)
+    frame = _check_frame(frame, shape)
+    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        affine = _affine(shape)
+        affine = _affine(frame or shape)
         cases = []
         start = time.perf_counter()
         for i in tqdm(range(int(num_cases)), desc="demo cases", unit="case", disable=not progress):
@@ -122,8 +148,8 @@ def make_demo_dataset(
             case = _case_name(i)
             (tmp / case).mkdir()
             for contrast, suffix in _FILE_SUFFIXES.items():
-                _save_nifti(images[contrast], affine, tmp / case / f"{case}_{suffix}.nii.gz")
-            _save_nifti(label, affine, tmp / case / f"{case}_seg.nii.gz")
+                _save_nifti(_in_frame(images[contrast], frame), affine, tmp / case / f"{case}_{suffix}.nii.gz")
+            _save_nifti(_in_frame(label, frame), affine, tmp / case / f"{case}_seg.nii.gz")
             # the head (manifest statistics) is what is non-zero without the air's noise
             head = (make_demo_case(shape, seed, i, difficulty)[0] if background_noise else images)["t1"] > 0
             cases.append({
@@ -177,6 +203,7 @@ def ensure_demo_data(
     progress: bool = False,
     difficulty: float = 0.0,
     background_noise: float = 0.0,
+    frame=None,
 ) -> str:
     """Return ``output_dir`` after making sure it holds the demo dataset for these parameters.
 
@@ -185,7 +212,8 @@ def ensure_demo_data(
     otherwise it is generated with :func:`make_demo_dataset`.
     """
     shape = check_shape(shape)
-    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise)):
+    frame = _check_frame(frame, shape)
+    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)):
         make_demo_dataset(
             output_dir,
             num_cases=num_cases,
@@ -194,5 +222,6 @@ def ensure_demo_data(
             progress=progress,
             difficulty=difficulty,
             background_noise=background_noise,
+            frame=frame,
         )
     return str(output_dir)

@@ -176,3 +176,18 @@ def test_difficulty_is_recorded_and_checked(tmp_path):
     assert json.loads((out / DEMO_MANIFEST).read_text())["difficulty"] == 0.0
     with pytest.raises(ValueError, match="difficulty"):
         make_demo_case(SHAPE, difficulty=2.0)
+
+
+def test_a_frame_centres_each_head_in_air_as_in_a_brats_volume(tmp_path):
+    out = tmp_path / "framed"
+    make_demo_dataset(str(out), num_cases=1, shape=(24, 24, 24), frame=(40, 36, 28))
+    t1 = np.asarray(nib.load(str(out / "Demo_000" / "Demo_000_t1.nii.gz")).dataobj)
+    seg = np.asarray(nib.load(str(out / "Demo_000" / "Demo_000_seg.nii.gz")).dataobj)
+    assert t1.shape == seg.shape == (40, 36, 28)
+    inner = (slice(8, 32), slice(6, 30), slice(2, 26))
+    air = np.ones(t1.shape, bool)
+    air[inner] = False
+    assert not t1[air].any() and not seg[air].any() and t1[inner].any()
+    assert ensure_demo_data(str(out), num_cases=1, shape=(24, 24, 24), frame=(40, 36, 28)) == str(out)
+    with pytest.raises(ValueError, match="at least the head"):
+        make_demo_dataset(str(tmp_path / "bad"), num_cases=1, shape=(30, 24, 24), frame=(28, 36, 28))
