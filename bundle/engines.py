@@ -140,15 +140,19 @@ class AutocastSupervisedTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` (the U-net baseline) whose ``amp`` autocasts on the engine's device type.
 
     MONAI's trainer autocasts on CUDA only; this one also runs bfloat16 autocast on a CPU, so the baselines
-    train under the same arithmetic as the adversarial trainers on every device (its loss casts to float32).
+    train under the same arithmetic as the adversarial trainers on every device (its loss casts to float32, and
+    the logits it outputs are float32).
     """
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict:
         device_type = torch.device(engine.state.device).type
         if not engine.amp or device_type == "cuda":
-            return super()._iteration(engine, batchdata)
-        with torch.autocast(device_type, **(engine.amp_kwargs or {})):
-            return super()._iteration(engine, batchdata)
+            output = super()._iteration(engine, batchdata)
+        else:
+            with torch.autocast(device_type, **(engine.amp_kwargs or {})):
+                output = super()._iteration(engine, batchdata)
+        output[Keys.PRED] = output[Keys.PRED].float()  # logits for handlers and metrics, as the other trainers'
+        return output
 
 
 class SegANTrainer(AlternatingTrainer):

@@ -151,6 +151,26 @@ def check_value(key: str, value: Any) -> None:
         raise ValueError(f"`{key}` is {value!r} ({type(value).__name__}); it must be {accepted}. Fix --{key}.")
 
 
+def _check_modalities_available(parser, value) -> None:
+    """``modalities`` must be distinct and among the modalities the config reads (``image_modalities`` and
+    ``image_modalities_4d``, the BraTS ones unless a user names their own, e.g. ``--image_modalities "['mri']"``)."""
+    known = set()
+    for key in ("image_modalities", "image_modalities_4d"):
+        if key in parser:
+            known |= {str(m).lower() for m in parser.get_parsed_content(key) or []}
+    known = sorted(known or set(MODALITIES) | set(MSD_MODALITIES))
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or len(set(value)) != len(value)
+        or not all(isinstance(v, str) and v.lower() in known for v in value)
+    ):
+        raise ValueError(
+            f"`modalities` is {value!r}; it must be a non-empty list of distinct modalities among {known} (the "
+            "config's image_modalities). Fix --modalities, or name your own files' modalities with --image_modalities."
+        )
+
+
 def _running_parser():
     """The ``ConfigParser`` evaluating the expression that called us (found on the call stack, as ``bundle_root``
     finds its ``ConfigWorkflow``)."""
@@ -184,4 +204,7 @@ def check_settings(parser=None) -> None:
                 f"`{key}` ({raw!r}) cannot be evaluated: {type(error).__name__}: {error}. Check --{key} and the keys "
                 "it is computed from."
             ) from error
-        check_value(key, value)
+        if key == "modalities":
+            _check_modalities_available(parser, value)
+        else:
+            check_value(key, value)
