@@ -232,3 +232,18 @@ def test_report_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         engine.run([{"case": ["p1"]}], max_epochs=1)
     assert os.listdir(tmp_path) == []
+
+
+def test_outside_head_counts_each_region_voxels_where_the_normalised_image_is_air():
+    from bundle.metrics import OutsideHeadMetric, outside_head_output
+
+    image = torch.ones(2, 6, 6, 4)
+    image[:, :2] = 0  # rows 0-1: air in every channel
+    image[0, 2, 0, 0] = 0  # one channel 0 inside the head is still head
+    pred = torch.zeros(2, 6, 6, 4)
+    pred[0, :3] = 1  # region 0: 2 air rows (48 voxels) + 1 head row
+    pred[1, 4:] = 1  # region 1: head only
+    preds, air = outside_head_output([{"pred": pred, "image": image}])
+    metric = OutsideHeadMetric(reduction="none")
+    metric(y_pred=torch.stack(preds), y=torch.stack(air))
+    assert metric.aggregate().tolist() == [[48.0, 0.0]]
