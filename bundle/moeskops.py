@@ -212,7 +212,10 @@ class MoeskopsTrainer(AlternatingTrainer):
        so that its segmentations look manual to the discriminator.
 
     Segmentation and discriminator updates use separate optimisers with separate learning rates (the
-    paper: RMSProp, 1e-3 and 1e-5). The discriminator sees ``patches_per_image`` random patches of each
+    paper, section 3.1: RMSProp, 1e-3 for the segmentation loss and 1e-5 for the discriminator loss). La is a
+    discriminator-loss update of the whole network (section 2.3), so the segmentation network ascends it with
+    ``adversarial_optimizer``, its own optimiser at the discriminator-loss rate; without one it ascends La
+    with ``optimizer`` (at the segmentation-loss rate, 100 times the paper's reading). The discriminator sees ``patches_per_image`` random patches of each
     image and segmentation (``discriminator.patch_size`` pixels, the image patch ``image_margin`` wider on
     each side), so the segmentation network can train on whole slices.
 
@@ -226,8 +229,11 @@ class MoeskopsTrainer(AlternatingTrainer):
         train_data_loader: yields ``image`` (B, channels, H, W) and one-hot ``label`` (B, C, H, W).
         network: the segmentation network (returns logits over C classes).
         discriminator: ``MoeskopsDiscriminator`` (possibly wrapped in ``DistributedDataParallel``).
-        optimizer: the segmentation network's optimiser (Ls and the La ascent).
+        optimizer: the segmentation network's optimiser for Ls (and for the La ascent when
+            ``adversarial_optimizer`` is None).
         discriminator_optimizer: the discriminator's optimiser (Ld and the La descent).
+        adversarial_optimizer: the segmentation network's optimiser for the La ascent (Moeskops et al. 2017,
+            section 3.1: the discriminator-loss rate); None: ``optimizer``.
         loss_function: the segmentation loss; default ``torch.nn.CrossEntropyLoss()`` (one-hot targets).
         adversarial_weight: scale of the reversed gradient reaching the segmentation network in La (1 = the paper).
         patches_per_image: discriminator patches drawn from each image of the Ld and La thirds.
@@ -246,6 +252,7 @@ class MoeskopsTrainer(AlternatingTrainer):
         loss_function: Callable | None = None,
         adversarial_weight: float = 1.0,
         patches_per_image: int = 1,
+        adversarial_optimizer: Optimizer | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if patches_per_image < 1:
@@ -255,6 +262,7 @@ class MoeskopsTrainer(AlternatingTrainer):
         self.discriminator = discriminator
         self.optimizer = optimizer
         self.discriminator_optimizer = discriminator_optimizer
+        self.adversarial_optimizer = optimizer if adversarial_optimizer is None else adversarial_optimizer
         self.loss_function = torch.nn.CrossEntropyLoss() if loss_function is None else loss_function
         self.verdict_loss = torch.nn.CrossEntropyLoss()
         self.adversarial_weight = adversarial_weight
@@ -317,14 +325,14 @@ class MoeskopsTrainer(AlternatingTrainer):
         engine._end_updates()
 
         # La: the discriminator descends its loss on generated segmentations, the segmenter ascends it
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        engine.adversarial_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         engine.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
             generated = torch.softmax(engine.network(adv_image).float(), 1)
             reversed_generated = _ReverseGradient.apply(generated, engine.adversarial_weight)
             adversarial = engine._verdict_loss(adv_image, reversed_generated, disc.GENERATED)
         engine._backward(adversarial)
-        engine._update(engine.optimizer)
+        engine._update(engine.adversarial_optimizer)
         engine._update(engine.discriminator_optimizer)
         engine._end_updates()
 

@@ -161,3 +161,15 @@ def test_the_three_updates_go_through_one_gradient_scaler():
 
     trainer.run()
     assert trainer.state.output["adversarial_loss"].isfinite()
+
+
+def test_la_ascends_with_its_own_optimiser_when_given_one():
+    """Moeskops et al. 2017, section 3.1: learning rates per loss; La is a discriminator-loss update."""
+    log = []
+    trainer = _trainer(n=6, log=log)
+    adversarial = torch.optim.SGD(trainer.network.parameters(), lr=1e-2)
+    adversarial.step = lambda closure=None: log.append("adversarial.step")
+    trainer.adversarial_optimizer = adversarial
+    trainer.run()
+    assert log[-3:] == [("generated", 2), "adversarial.step", "discriminator.step"]
+    assert log.count("segmenter.step") == 1  # Ls only

@@ -115,3 +115,14 @@ def test_every_method_trains_under_the_same_amp_settings_and_handlers(name, trai
     assert handlers == expected and "TrainingCurves" in handlers
     state = parser.get_parsed_content("train#state_saver").save_dict
     assert ("critic" in state) == critic and {"network", "optimizer", "trainer", "model_saver"} <= set(state)
+
+
+def test_moeskops_la_updates_the_segmenter_at_the_discriminator_loss_rate():
+    """Moeskops et al. 2017, section 3.1: 1e-3 for the segmentation loss, 1e-5 for the discriminator loss
+    (Ld and La); ``adversarial_learning_rate`` set to ``@learning_rate`` gives the other reading."""
+    parser = _parser(OVERLAYS["moeskops/adversarial.json"], **TINY)
+    trainer_def = parser.get_parsed_content("train#trainer_def")
+    rates = {name: trainer_def.keywords[name].param_groups[0]["lr"] for name in ("adversarial_optimizer", "discriminator_optimizer")}
+    assert rates == {"adversarial_optimizer": 1e-5, "discriminator_optimizer": 1e-5}
+    assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 1e-3
+    assert parser["train#state"]["adversarial_optimizer"] == "@adversarial_optimizer"  # saved and resumed
