@@ -103,6 +103,37 @@ def test_custom_one_channel_two_region_dataset_trains_through_overrides(tmp_path
     assert {"val_dice_edema", "val_dice_core"} <= set(history["best"])
 
 
+@pytest.mark.parametrize("region_labels", [None, [5, 7]])
+def test_custom_regions_train_infer_and_evaluate_through_the_same_overrides(tmp_path, demo_dir, region_labels):
+    """The README's "Your own data": one MRI channel, two regions. The label map is written with region i as
+    value i + 1 (or ``region_labels``), and evaluation reads the regions back from those values."""
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    datalist = _write_custom_dataset(data, demo_dir)
+    mine = {"data_list_file_path": str(datalist), "image_modalities": ["mri"], "modalities": ["mri"],
+            "regions": {"edema": [1], "core": [2]}}
+    _train(tmp_path, str(data), max_epochs=1, **mine)
+    inference = os.path.join(ROOT, "configs", "inference.json")
+    settings = {"bundle_root": str(tmp_path), "dataset_dir": str(data), "features": TINY["features"], "num_workers": 0,
+                "progress": False, **mine, **({"region_labels": region_labels} if region_labels else {})}
+    run(config_file=inference, output_dir=str(tmp_path / "pred"), data_list_key="validation", **settings)
+    written = sorted((tmp_path / "pred").rglob("*.nii.gz"))
+    assert len(written) == 1
+    values = set(np.unique(np.asarray(nib.load(str(written[0])).dataobj)).tolist())
+    assert values <= {0, *(region_labels or [1, 2])}
+    run(config_file=[inference, os.path.join(ROOT, "configs", "evaluate.json")], output_dir=str(tmp_path / "scores"),
+        **settings)
+    dice = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["metrics"]["dice"]
+    reference = np.asarray(nib.load(str(data / json.loads(datalist.read_text())["validation"][0]["label"])).dataobj)
+    predicted = np.asarray(nib.load(str(written[0])).dataobj)
+    for name, reference_value, written_value in zip(("edema", "core"), (1, 2), region_labels or (1, 2)):
+        a, b = predicted == written_value, reference == reference_value
+        assert dice[name]["mean"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-4)
+
+
 def _write_brats2015(root, num_subjects=3):
     """Demo cases rewritten as BraTS 2013/2015 ITK MetaImage folders (VSD names, HGG grade folder)."""
     import itk
