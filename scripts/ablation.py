@@ -50,7 +50,9 @@ from bundle.files import atomic_path  # noqa: E402
 METRICS = ("dice", "precision", "sensitivity", "hd95", "components_pred", "components_label", "outside_head")
 #: Row pairs whose paired difference over seeds the report gives (when both rows ran on the same seeds).
 PAIRS = (("S3-3C", "U-net"), ("S3-3C", "S3-3C-s3"), ("S3-3C", "S3-3C + Dice"), ("S3-3C", "S3-3C literal"),
-         ("S3-3C + Dice", "U-net + Dice"))
+         ("S3-3C", "S3-3C map"), ("S3-3C shifted", "S3-3C map"), ("S3-3C map", "S3-3C literal"),
+         ("S3-3C shifted", "S3-3C literal"), ("S3-3C balanced", "S3-3C"), ("S3-3C sum", "S3-3C"),
+         ("S3-3C official", "S3-3C"), ("S3-3C + Dice", "U-net + Dice"), ("U-net + Dice", "U-net"))
 #: A validation Dice a region must reach before drops of it count as instability (issue: > 0.2 after 0.8).
 STABLE_FROM = 0.8
 RESULT = "result.json"
@@ -125,6 +127,9 @@ register(Row("S3-3C map", (_variant("s3_3c"),), {"critic_input": "masked_map"},
              "S3-3C, critics see x o S(x) and the map S(x) as one more channel"))
 register(Row("S3-3C shifted", (_variant("s3_3c"),), {"critic_input": "shifted"},
              "S3-3C, critics see (x - min x + 1) o S(x): no zero-valued voxel"))
+register(Row("S3-3C 3D", (_variant("s3_3c"), _variant("segan3d"), _variant("segan3d_demo")),
+             description="S3-3C with 3D networks on 32^3 patches, sliding-window inference (beyond the paper)",
+             eval_overlays=("configs/segan3d_inference.json", _variant("segan3d_demo"))))
 for _weighting in ("mean", "sum", "official", "balanced"):
     register(Row(f"S3-3C {_weighting}", (_variant("s3_3c"),), {"loss_weighting": _weighting},
                  f"S3-3C with loss_weighting {_weighting}"))
