@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image", "critic_view", "CLIP_PARAMS",
@@ -67,14 +68,21 @@ class SegANSegmentor(nn.Module):
     authors' public code) or add it (``skip="add"``, a lighter variant with the same receptive field).
 
     Args:
-        spatial_dims: 2 for the paper's slice network.
+        spatial_dims: 2 for the paper's slice network, 3 for whole-volume patches (4x4x4 down and 3x3x3 up blocks).
         in_channels: input channels (the paper: T1c, T2, FLAIR).
         out_channels: one label map per region (the paper's S3: whole tumour, core, enhancing).
         features: encoder widths; the paper's grid search picked 4 levels of 64, 128, 256, 512.
-        upsample: interpolation of the resize layers, ``"bilinear"`` or ``"nearest"``.
+        upsample: interpolation of the resize layers, ``"bilinear"`` or ``"nearest"`` (``"bilinear"`` is
+            trilinear when ``spatial_dims`` is 3).
         skip: ``"cat"`` (paper) or ``"add"``.
+        gradient_checkpointing: in training, keep only each block's input for the backward pass and recompute
+            the block then (``torch.utils.checkpoint``): about one more forward pass of compute for the
+            activation memory of the resized decoder maps, which dominate a 3D segmentor's memory
+            (``docs/performance.md``). BatchNorm running statistics are updated again by the recomputation.
+            Evaluation, TorchScript and ONNX are unaffected, and the parameters are the same.
 
-    Returns logits of shape (B, out_channels, H, W); H and W must be multiples of ``2 ** len(features)``.
+    Returns logits of shape (B, out_channels, H, W) (and D in 3D); every spatial size must be a multiple of
+    ``2 ** len(features)``.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class SegANSegmentor(nn.Module):
         features: Sequence[int] = (64, 128, 256, 512),
         upsample: str = "bilinear",
         skip: str = "cat",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if skip not in ("add", "cat"):
@@ -94,6 +103,7 @@ class SegANSegmentor(nn.Module):
         if upsample == "bilinear" and spatial_dims == 3:
             upsample = "trilinear"
         self.skip = skip
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.factor = 2 ** len(features)
         widths = [in_channels, *features]
         self.encoder = nn.ModuleList(
@@ -114,6 +124,8 @@ class SegANSegmentor(nn.Module):
                     f"SegANSegmentor needs spatial sizes that are multiples of {self.factor}, got {x.shape[2:]}: "
                     "crop or pad the input (e.g. DivisiblePad(k=16) or a 160x160 crop)."
                 )
+        if self.gradient_checkpointing and self.training and not torch.jit.is_scripting():
+            return self._checkpointed_forward(x)
         skips: list[torch.Tensor] = []
         for block in self.encoder:
             x = block(x)
@@ -126,6 +138,18 @@ class SegANSegmentor(nn.Module):
 
     def _merge(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return x + skip if self.skip == "add" else torch.cat([x, skip], dim=1)
+
+    @torch.jit.unused
+    def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with every block recomputed in the backward pass instead of keeping its activations."""
+        skips = []
+        for block in self.encoder:
+            x = checkpoint(block, x, use_reentrant=False)
+            skips.append(x)
+        skips.pop()
+        for block in self.decoder:
+            x = self._merge(checkpoint(block, x, use_reentrant=False), skips.pop())
+        return checkpoint(self.head, x, use_reentrant=False)
 
 
 class SegANCritic(nn.Module):

@@ -36,6 +36,7 @@ TRAINING_PATHS = {
     "S3-1C": (("configs/variants/s3_1c.json",), {}),
     "S1-1C": (("configs/variants/s1_1c.json",), {}),
     "S3-3C 2.5D": (("configs/variants/context_2_5d.json",), {}),
+    "S3-3C 3D": (("configs/variants/segan3d.json",), {"roi_size": [32, 32, 32], "channels_last": False}),
     "U-net": (("configs/variants/unet.json",), {"dice_weight": 1.0}),
     "Moeskops": (("configs/moeskops/multiclass.json", "configs/moeskops/dilated.json", "configs/moeskops/adversarial.json"),
                  {"network_def#features": 8, "discriminator_features": 8, "discriminator_hidden": 16}),
@@ -73,7 +74,7 @@ def gpu_check(
     Args:
         device: ``"auto"`` (CUDA when present), ``"cuda"`` or ``"cpu"``: picks the AMP dtype and the GPU-only speed
             keys; the configs run on CUDA whenever torch sees it.
-        paths: names from the trainer paths (S3-3C, S3-1C, S1-1C, S3-3C 2.5D, U-net, Moeskops), ``DDP`` and
+        paths: names from the trainer paths (S3-3C, S3-1C, S1-1C, S3-3C 2.5D, S3-3C 3D, U-net, Moeskops), ``DDP`` and
             ``inference BraTS-sized``.
         epochs: training epochs per trainer path.
         work_dir: folder of the demo data and of every run's bundle root and log.
