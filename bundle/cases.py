@@ -149,6 +149,30 @@ def _scan(root: Path, skipped: dict[str, list[str]] | None = None) -> dict[tuple
                     f"'{path}'. Remove one of them."
                 )
             group["files"][modality] = path
+    return _merge_split_folders(groups)
+
+
+def _merge_split_folders(groups: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
+    """One case per folder when a folder's files share no name prefix but make one case together.
+
+    The model zoo's test data names a case folder's files ``image_<s>_<modality>.nii.gz`` and
+    ``label_<s>_seg.nii.gz``: grouped by prefix they would be an image-only and a label-only "case". When the
+    groups of one folder hold no modality twice, they are one case, named after the folder. A flat folder of
+    several cases (each modality once per case) is left as it is.
+    """
+    by_dir: dict[str, list[tuple[str, str]]] = {}
+    for key in groups:
+        by_dir.setdefault(key[0], []).append(key)
+    for folder, keys in by_dir.items():
+        if len(keys) < 2:
+            continue
+        modalities = [m for key in keys for m in groups[key]["files"]]
+        if len(modalities) != len(set(modalities)):
+            continue
+        merged = {"dir": groups[keys[0]]["dir"], "files": {}}
+        for key in keys:
+            merged["files"].update(groups.pop(key)["files"])
+        groups[(folder, Path(folder).name)] = merged
     return groups
 
 
