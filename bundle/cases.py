@@ -1,4 +1,4 @@
-"""Finding cases on disk, and the one function that names a case (SPEC sections 2 and 3).
+"""Finding cases on disk, and the one function that names a case (BraTS 2013-2021 and ISIC 2017 layouts).
 
 Two layouts are recognised anywhere under ``dataset_dir``:
 
@@ -19,7 +19,7 @@ with the images always in :data:`bundle.constants.MODALITIES` order and paths re
 (posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
 folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
 
-2D images with masks (the ISIC 2017 skin-lesion layout of seed 004, or a folder of images beside a folder of
+2D images with masks (the ISIC 2017 skin-lesion layout of the SegAN ISIC re-implementation report, or a folder of images beside a folder of
 same-named masks) are found by :func:`find_image_pairs`, one item ``{"image", "label", "case"}`` per image.
 
 :func:`case_id` is what every output file of a case is named after: datalists, saved label maps, report rows
@@ -296,7 +296,7 @@ def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str 
     return stem if stem != name else os.path.splitext(name)[0]
 
 
-# --- 2D images with masks: the ISIC 2017 skin-lesion layout (seed 004), or any image folder beside a mask folder ---
+# --- 2D images with masks: the ISIC 2017 skin-lesion layout (the SegAN ISIC re-implementation report), or any image folder beside a mask folder ---
 
 #: File extensions of 2D images and masks.
 IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")

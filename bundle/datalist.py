@@ -1,4 +1,4 @@
-"""Decathlon-style datalists for the three workflows: training, inference and evaluation (SPEC section 2).
+"""Decathlon-style datalists for the three workflows: training, inference and evaluation (Xue et al. 2018, section 3: 9:1 per grade).
 
 SegAN was trained and validated on BRATS 2015 (220 HGG + 54 LGG subjects) split 9:1 into training and
 validation *separately for HGG and LGG* and then recombined (SegAN paper, section 4.1). This module makes

@@ -185,7 +185,7 @@ class SegANTrainer(AlternatingTrainer):
         loss_function: the multi-scale L1 loss; default ``MultiScaleL1Loss("all")``.
         clip: critic weight clamp (the paper: 0.01); ``None`` or 0 disables it.
         dice_weight: weight of a soft Dice term added to the segmentor loss (0 = the paper). Public
-            re-implementations add it to stabilise the game (SPEC section 1).
+            re-implementations add it to stabilise the game.
         critic_steps: critic updates per segmentor update (the paper: 1).
         other arguments: as ``monai.engines.SupervisedTrainer``.
     """

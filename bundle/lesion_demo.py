@@ -1,4 +1,4 @@
-"""Synthetic dermoscopy images, so the 2D RGB skin-lesion setting (seed 004, ISIC 2017) runs offline on a CPU.
+"""Synthetic dermoscopy images, so the 2D RGB skin-lesion setting (ISIC 2017, Codella et al. 2018; the SegAN ISIC re-implementation report) runs offline on a CPU.
 
 Each image is skin-coloured with a smooth blotchy texture and fine grain; an irregular pigmented lesion (a
 star-shaped blob whose radius varies with a few random harmonics, darker and more saturated towards its

@@ -1,9 +1,9 @@
 """Segmentation metrics that MONAI lacks: the number of connected components of a region map, and the 95%
 Hausdorff distance as the BraTS challenge computes it.
 
-The SegAN paper (seed 000) reports Dice, precision and sensitivity per region; seed 004 adds IoU. All of
+The SegAN paper (Xue et al. 2018) reports Dice, precision and sensitivity per region; the ISIC 2017 SegAN re-implementation report adds IoU. All of
 those are MONAI metrics (``DiceMetric``, ``ConfusionMatrixMetric``, ``MeanIoU``) wired in the configs.
-Moeskops et al. 2017 (seed 002) also count the 3D connected components of a segmentation as a measure of
+Moeskops et al. 2017 also count the 3D connected components of a segmentation as a measure of
 its smoothness: adversarial training should give fewer spurious islands than a voxel-wise loss alone.
 That count is what this module adds, as a plain function, a ``CumulativeIterationMetric`` and an ignite
 handler that fills ``engine.state.metric_details`` like MONAI's own metric handlers.
@@ -44,7 +44,7 @@ _SOURCES = ("pred", "label")
 def count_components(mask: np.ndarray | torch.Tensor, connectivity: int = 3) -> int:
     """Number of connected components of a binary 2D or 3D mask.
 
-    This is the smoothness measure of Moeskops et al. 2017 (seed 002, "number of 3D connected
+    This is the smoothness measure of Moeskops et al. 2017 ("number of 3D connected
     components"): a segmentation with fewer components has fewer isolated false-positive islands.
 
     Args:
@@ -116,7 +116,7 @@ class RegionMetric(CumulativeIterationMetric):
 
 
 class ComponentCountMetric(RegionMetric):
-    """Number of connected components per case and per region channel (Moeskops et al. 2017, seed 002).
+    """Number of connected components per case and per region channel (Moeskops et al. 2017).
 
     For every case of a batch and every channel (region map, e.g. whole tumour, tumour core, enhancing
     tumour), counts the connected components of the binary map in all its spatial dimensions at once,
@@ -163,7 +163,7 @@ class ComponentCountMetric(RegionMetric):
 
 
 class ComponentCount(IgniteMetricHandler):
-    """Ignite handler for :class:`ComponentCountMetric` (Moeskops et al. 2017, seed 002).
+    """Ignite handler for :class:`ComponentCountMetric` (Moeskops et al. 2017).
 
     Attached to an evaluator like MONAI's metric handlers (e.g. under ``additional_metrics``), it reports
     the mean number of connected components in ``engine.state.metrics`` and, with ``save_details``, the

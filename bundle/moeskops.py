@@ -1,4 +1,4 @@
-"""Moeskops et al. 2017, *Adversarial training and dilated convolutions for brain MRI segmentation* (seed 002):
+"""Moeskops et al. 2017, *Adversarial training and dilated convolutions for brain MRI segmentation*:
 its two segmentation networks and classic discriminator (section 2.2 and Fig. 1), and ``MoeskopsTrainer``, the
 three alternating updates of section 2.3 (a sibling of ``bundle.engines.SegANTrainer`` on the same
 ``AlternatingTrainer`` base).

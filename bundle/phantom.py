@@ -1,6 +1,6 @@
 """Synthetic BraTS-like cases as arrays: a head with one or two gliomas, four MR contrasts and a BraTS label map.
 
-The cases imitate what SegAN sees in BRATS (SPEC section 2): four co-registered MR contrasts of a head and
+The cases imitate what SegAN sees in BRATS (Xue et al. 2018, section 3; Menze et al. 2015): four co-registered MR contrasts of a head and
 a label map with the BraTS 2018-2021 values 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour.
 :mod:`bundle.demo` writes them to disk as a dataset.
 

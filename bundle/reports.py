@@ -2,10 +2,10 @@
 
 - :class:`SegmentationReport` turns the per-case details of MONAI's metric handlers (``save_details=True``)
   into one CSV row per case and a JSON summary of mean and standard deviation per metric and region: the
-  numbers of the SegAN paper's Table 1 (Dice, precision, sensitivity per region), plus IoU (seed 004),
-  HD95 and the connected-component count of Moeskops et al. 2017 (seed 002, :mod:`bundle.metrics`). It
+  numbers of the SegAN paper's Table 1 (Dice, precision, sensitivity per region), plus IoU (the ISIC 2017 SegAN re-implementation report),
+  HD95 and the connected-component count of Moeskops et al. 2017 (:mod:`bundle.metrics`). It
   belongs to the ``handlers`` of a ``monai.engines.SupervisedEvaluator`` that runs over whole 3D cases (the
-  2D SegAN segmentor applied slice by slice and restacked, SPEC section 2).
+  2D SegAN segmentor applied slice by slice and restacked, Xue et al. 2018, section 3).
 - :class:`ValidationHistory` keeps every validation of a training run, and the best, in one JSON file that
   outlives a resumed run (MONAI's ``MetricLogger`` keeps its history in memory only).
 

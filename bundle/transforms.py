@@ -100,7 +100,7 @@ class LabelToRegionsd(MapTransform):
     """Turn an integer label map (1, ...) into binary region maps (R, ...), one per region.
 
     ``regions`` maps a region name to the label values it contains, e.g. the BraTS 2013-2021 convention
-    ``{"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]}`` (SPEC section 2).
+    ``{"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]}`` (the BraTS regions of Menze et al. 2015).
     Label values in no region (besides 0) raise an error naming the file, since they mean the regions do
     not match the dataset's convention.
 

@@ -1,4 +1,4 @@
-"""Write the Decathlon-style datalist of a BraTS dataset: 9:1 training/validation split per grade (SPEC section 2).
+"""Write the Decathlon-style datalist of a BraTS dataset: 9:1 training/validation split per grade (Xue et al. 2018, section 3).
 
     python scripts/prepare_datalist.py --dataset_dir data/BRATS2015_Training --output data/brats2015_datalist.json
 

@@ -38,8 +38,8 @@ def load_script(name: str):
 def stack_to_4d(files: Sequence, output_path) -> str:
     """Stack co-registered 3D files, in the given order, into one 4D (H, W, D, C) float32 NIfTI.
 
-    This makes single-file multi-modality cases like those of MSD Task01 or a MONAI Label datastore (SPEC
-    section 4) out of a demo case; pass ``files`` in the channel order the case should have.
+    This makes single-file multi-modality cases like those of MSD Task01 or a MONAI Label datastore
+    out of a demo case; pass ``files`` in the channel order the case should have.
     """
     images = [nib.load(str(f)) for f in files]
     stacked = np.stack([np.asarray(image.get_fdata(dtype=np.float32)) for image in images], axis=-1)

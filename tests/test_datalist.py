@@ -1,4 +1,4 @@
-"""Datalists: BraTS cases are found in both layouts and split 9:1 per grade (SPEC section 2)."""
+"""Datalists: BraTS cases are found in both layouts and split 9:1 per grade (Xue et al. 2018, section 3)."""
 
 import json
 import os

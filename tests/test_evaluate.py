@@ -1,7 +1,7 @@
 """Evaluation end to end: ``configs/evaluate.json`` scores whole cases in their own geometry with the paper's metrics.
 
-Dice, precision and sensitivity per region (SegAN paper, Table 1), IoU (seed 004), the 95% Hausdorff distance as
-the BraTS challenge computes it (mm), and the number of 3D connected components of prediction and ground truth (seed 002), per case in a CSV
+Dice, precision and sensitivity per region (SegAN paper, Table 1), IoU (the ISIC 2017 SegAN re-implementation report), the 95% Hausdorff distance as
+the BraTS challenge computes it (mm), and the number of 3D connected components of prediction and ground truth (Moeskops et al. 2017), per case in a CSV
 and as mean ± std in a JSON summary, with a Fig. 3-style overlay PNG.
 
 To know the right answer, two tests swap the segmentor for a 1x1 convolution that passes each (normalised) image

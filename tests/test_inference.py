@@ -1,6 +1,6 @@
 """Sliding-slice inference end to end: ``configs/inference.json`` gives one 3D label map per case, on the input's grid.
 
-The 2D segmentor runs over every axial slice (SPEC section 2, "Inference") after the training preprocessing;
+The 2D segmentor runs over every axial slice (Xue et al. 2018, section 3) after the training preprocessing;
 the crop or pad that fits a slice to the network is undone, so the saved map has the input's shape and affine.
 """
 

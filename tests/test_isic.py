@@ -1,4 +1,4 @@
-"""The 2D RGB skin-lesion setting of seed 004 (ISIC 2017): its layout is found, and SegAN trains on RGB images
+"""The 2D RGB skin-lesion setting of the SegAN ISIC re-implementation report (ISIC 2017): its layout is found, and SegAN trains on RGB images
 and writes one PNG mask per image at the image's original size."""
 
 import os

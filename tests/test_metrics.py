@@ -1,7 +1,7 @@
-"""Evaluation metrics and reports: what the SegAN bundle measures and writes (SPEC section 2, "Metrics").
+"""Evaluation metrics and reports: what the SegAN bundle measures and writes (Xue et al. 2018, Table 1).
 
 The paper reports Dice, precision and sensitivity per region (whole tumour, tumour core, enhancing
-tumour); seed 004 adds IoU and seed 002 (Moeskops et al. 2017) the number of 3D connected components.
+tumour); the ISIC re-implementation report adds IoU and Moeskops et al. 2017 the number of 3D connected components.
 """
 
 from __future__ import annotations

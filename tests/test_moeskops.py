@@ -1,4 +1,4 @@
-"""Moeskops et al. 2017 (seed 002): the two segmentation networks, the discriminator (section 2.2) and the
+"""Moeskops et al. 2017: the two segmentation networks, the discriminator (section 2.2) and the
 three alternating updates Ls, Ld, La (section 2.3)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""What MONAI Label 0.8.5's ``monaibundle`` app does with the bundle, without the server (SPEC section 4).
+"""What MONAI Label 0.8.5's ``monaibundle`` app does with the bundle, without the server.
 
 Its ``BundleInferTask`` reads ``configs/inference.json`` from the bundle copied into ``<app>/model/<name>/``,
 sets ``bundle_root``, builds ``network_def`` and loads ``models/model.pt`` itself, runs ``preprocessing`` (with
