@@ -11,17 +11,21 @@ interval and a bad file never becomes the model.
 The functions are called from the configs (a ``CheckpointLoader``'s ``load_path``) and fail with what to do
 instead of a bare ``torch.load`` error.
 
-A flat state dict of :class:`bundle.networks.SegANSegmentor` also tells its own architecture: the encoder
-convolutions give the widths (``features``) and the input channels, the head the output channels, and the
-head's input width whether the U-net skips concatenate or add. The configs read ``features`` and ``skip`` from
-``models/model.pt`` (:func:`trained_setting`), so a bundle serves and fine-tunes whatever it trained without
-hand edits: MONAI Label and ``monai.bundle.load`` build ``network_def`` and load the weights themselves, and
-take no command-line overrides.
+A model's recipe travels with it: training writes, beside ``models/model.pt`` and each time it is saved, the
+settings that define the network and what it expects as input (:data:`RECIPE_SETTINGS`) in
+``models/model_recipe.json`` (:func:`recipe_path`). Inference, evaluation, export and MONAI Label read their
+defaults from it (``inference.json``'s ``recipe``), so a bundle serves whatever it trained without hand edits
+(MONAI Label and ``monai.bundle.load`` take no command-line overrides); an explicit override that contradicts
+it is an error naming the setting and both values (:func:`check_recipe`). Training from scratch reads nothing
+from an old ``model.pt`` except ``features`` and ``skip``, which ``train.json`` still reads from the weights
+(:func:`trained_setting`) so that MONAI Label, which prepends a non-strict ``CheckpointLoader``, fine-tunes the
+weights it serves.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -32,7 +36,7 @@ import torch
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from .files import atomic_path
+from .files import atomic_path, write_atomic
 
 BaseSaveHandler, _ = optional_import(
     "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
@@ -43,6 +47,7 @@ idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version,
 __all__ = [
     "SafeCheckpointSaver", "non_finite_entries", "trained_weights", "trained_setting", "segmentor_settings",
     "latest_training_state",
+    "RECIPE_SETTINGS", "recipe_path", "read_recipe", "write_recipe", "check_recipe", "checked_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +83,67 @@ def _load_state(path: str) -> Mapping[str, torch.Tensor]:
     return state
 
 
+#: The settings a segmentor's weights are trained for, recorded beside them (``configs/train.json``'s ``recipe``).
+RECIPE_SETTINGS = (
+    "features", "skip", "modalities", "context_slices", "normalization", "label_convention", "regions",
+    "region_labels", "multiclass",
+)
+
+
+def recipe_path(ckpt_path: str) -> str:
+    """Where the recipe of the weights in ``ckpt_path`` is kept: ``models/model.pt`` -> ``models/model_recipe.json``."""
+    return os.path.splitext(str(ckpt_path))[0] + "_recipe.json"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, keys as text), so that settings compare as saved."""
+    return json.loads(json.dumps(value))
+
+
+def write_recipe(ckpt_path: str, recipe: Mapping[str, Any]) -> str:
+    """Write ``recipe`` (the settings of :data:`RECIPE_SETTINGS`) beside ``ckpt_path``, atomically; its path."""
+    unknown = sorted(set(recipe) - set(RECIPE_SETTINGS))
+    if unknown:
+        raise ValueError(f"recipe settings {unknown} are not among {list(RECIPE_SETTINGS)}.")
+    path = recipe_path(ckpt_path)
+    write_atomic(path, (json.dumps(_plain(dict(recipe)), indent=4) + "\n").encode())
+    return path
+
+
+def read_recipe(ckpt_path: str) -> dict[str, Any]:
+    """The recipe recorded beside ``ckpt_path``; ``{}`` when there is none (weights from before records, or
+    from elsewhere: the config's settings then apply, and loading checks the shapes)."""
+    path = recipe_path(ckpt_path)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot read the recipe '{path}' of '{ckpt_path}': {error}. Restore it from the training run, or delete "
+            "it and pass every setting the weights were trained with."
+        ) from error
+    if not isinstance(recipe, dict):
+        raise ValueError(f"the recipe '{path}' holds a {type(recipe).__name__}, not a mapping of settings.")
+    return recipe
+
+
+def check_recipe(ckpt_path: str, recipe: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """Refuse ``settings`` (the run's values) that contradict the ``recipe`` of the weights in ``ckpt_path``.
+
+    The configs take their defaults from the recipe, so a difference is an explicit override: the error names
+    the setting and both values.
+    """
+    for name, value in settings.items():
+        if name in recipe and _plain(value) != _plain(recipe[name]):
+            raise ValueError(
+                f"`{name}` is {_plain(value)!r} in this run, but the weights in '{ckpt_path}' were trained with "
+                f"{name} {_plain(recipe[name])!r} (recorded in '{recipe_path(ckpt_path)}'). Drop the --{name} "
+                "override to use the recorded value, or point --ckpt_path at weights trained with it."
+            )
+
+
 def trained_setting(
     path: str, name: str, default: Any, in_channels: int | None = None, out_channels: int | None = None
 ) -> Any:
@@ -110,6 +176,44 @@ def trained_setting(
     return settings[name]
 
 
+def checked_features(
+    ckpt_path: str,
+    features: Any,
+    skip: str,
+    in_channels: int,
+    out_channels: int,
+    recipe: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Any:
+    """``features``, once the segmentor weights in ``ckpt_path`` (if any) are seen to fit these settings.
+
+    ``network_def`` depends on it, so that weights made for other settings are refused naming the setting,
+    instead of being loaded in part: MONAI's non-strict loaders (``monai.bundle.load``) silently skip every
+    tensor whose shape differs. The weights' shapes are only checked here; the settings come from the config
+    and the recipe. With ``recipe`` and ``settings``, a setting that contradicts the recipe is refused first
+    (:func:`check_recipe`), naming both values.
+    """
+    if recipe and settings:
+        check_recipe(ckpt_path, recipe, settings)
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return features
+    try:
+        saved = segmentor_settings(_load_state(ckpt_path))
+    except ValueError:  # weights of another network_def (an overlay's): checked when they load
+        return features
+    for key, expected, what in (
+        ("in_channels", in_channels, "modalities` and `context_slices"), ("out_channels", out_channels, "regions"),
+        ("features", list(features), "features"), ("skip", skip, "skip"),
+    ):
+        if saved[key] != expected:
+            raise ValueError(
+                f"the segmentor in '{ckpt_path}' has {saved[key]} {key.replace('_', ' ')} but the config gives "
+                f"{expected} (from `{what}`). Run with the `{what}` it was trained with (its recipe, "
+                f"'{recipe_path(ckpt_path)}', records them), or point --ckpt_path at weights trained with these."
+            )
+    return features
+
+
 def non_finite_entries(state: Any, limit: int = 3) -> list[str]:
     """Names (dotted paths) of the first ``limit`` floating-point tensors in ``state`` holding NaN or infinity."""
     found: list[str] = []
@@ -140,9 +244,10 @@ class _AtomicDiskSaver(BaseSaveHandler):
     file just written (a fixed name such as ``model.pt`` is replaced by the rename itself).
     """
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
+    def __init__(self, dirname: str, filename: str | None = None, recipe: Mapping | None = None) -> None:
         self.dirname = dirname
         self.filename = filename
+        self.recipe = recipe
         self.pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
@@ -161,6 +266,8 @@ class _AtomicDiskSaver(BaseSaveHandler):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+        if self.recipe is not None:
+            write_recipe(path, self.recipe)
         _fsync_folder(self.dirname)  # the rename itself reaches the disk before the older file goes
         for old in self.pending_removal:
             if old != filename:
@@ -201,17 +308,22 @@ class SafeCheckpointSaver(CheckpointSaver):
     - a checkpoint whose tensors hold NaN or infinite values (a diverged training) is not written, with an
       error in the log, so it can neither become the "best" model nor the state a resume starts from;
     - periodic checkpoints left by the run being resumed count towards ``n_saved`` (they do not pile up);
+    - with ``recipe`` (the settings the network is trained for), the best model's file gets its recipe
+      beside it (:func:`write_recipe`) each time it is saved;
     - it is itself a state to save and load: ``state_dict()`` holds the best key metric, its epoch and the best
       file, so that a resumed training compares new validations with the best one before the interruption
       (put it in the training state's ``save_dict`` and the resume ``CheckpointLoader``'s ``load_dict``).
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+    def __init__(self, save_dir: str, save_dict: dict, recipe: Mapping | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         os.makedirs(save_dir, exist_ok=True)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(save_dir, checkpoint.save_handler.filename)
+                best = checkpoint is self._key_metric_checkpoint
+                checkpoint.save_handler = _AtomicDiskSaver(
+                    save_dir, checkpoint.save_handler.filename, recipe=recipe if best else None
+                )
         self._engine = None
         self._adopted = False
 

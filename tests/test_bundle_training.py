@@ -106,7 +106,8 @@ def test_custom_one_channel_two_region_dataset_trains_through_overrides(tmp_path
 @pytest.mark.parametrize("region_labels", [None, [5, 7]])
 def test_custom_regions_train_infer_and_evaluate_through_the_same_overrides(tmp_path, demo_dir, region_labels):
     """The README's "Your own data": one MRI channel, two regions. The label map is written with region i as
-    value i + 1 (or ``region_labels``), and evaluation reads the regions back from those values."""
+    value i + 1 (or the ``region_labels`` training was given), and evaluation reads the regions back from those
+    values."""
     import nibabel as nib
     import numpy as np
 
@@ -115,10 +116,11 @@ def test_custom_regions_train_infer_and_evaluate_through_the_same_overrides(tmp_
     datalist = _write_custom_dataset(data, demo_dir)
     mine = {"data_list_file_path": str(datalist), "image_modalities": ["mri"], "modalities": ["mri"],
             "regions": {"edema": [1], "core": [2]}}
-    _train(tmp_path, str(data), max_epochs=1, **mine)
+    _train(tmp_path, str(data), max_epochs=1, **mine, **({"region_labels": region_labels} if region_labels else {}))
     inference = os.path.join(ROOT, "configs", "inference.json")
+    # the same overrides as training; the label values come with the weights (models/model_recipe.json)
     settings = {"bundle_root": str(tmp_path), "dataset_dir": str(data), "features": TINY["features"], "num_workers": 0,
-                "progress": False, **mine, **({"region_labels": region_labels} if region_labels else {})}
+                "progress": False, **mine}
     run(config_file=inference, output_dir=str(tmp_path / "pred"), data_list_key="validation", **settings)
     written = sorted((tmp_path / "pred").rglob("*.nii.gz"))
     assert len(written) == 1

@@ -23,6 +23,7 @@ from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from bundle.constants import MSD_MODALITIES
 from bundle.demo import make_demo_dataset
+from bundle.checkpoints import write_recipe
 from bundle.networks import SegANSegmentor
 from helpers import ROOT, stack_to_4d
 
@@ -39,6 +40,7 @@ def app_bundle(tmp_path_factory):
     (root / "models").mkdir()
     torch.manual_seed(1)
     torch.save(SegANSegmentor(features=FEATURES).state_dict(), root / "models" / "model.pt")
+    write_recipe(str(root / "models" / "model.pt"), {"features": list(FEATURES), "skip": "cat"})  # as training leaves it
     return root
 
 

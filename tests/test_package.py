@@ -8,6 +8,7 @@ read the segmentor's widths from ``models/model.pt``, so none of this needs a ``
 
 import functools
 import hashlib
+import json
 import http.server
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 
 from bundle import __version__
 from bundle.demo import make_demo_dataset
+from bundle.checkpoints import write_recipe
 from bundle.networks import SegANSegmentor
 
 from helpers import ROOT, load_script
@@ -73,6 +75,7 @@ def source_bundle(tmp_path_factory):
     (root / "configs" / "datalist_mine.json").write_text("{}")
     torch.manual_seed(0)
     torch.save(SegANSegmentor(features=FEATURES, skip="cat").state_dict(), root / "models" / "model.pt")
+    write_recipe(str(root / "models" / "model.pt"), {"features": list(FEATURES), "skip": "cat"})
     return root
 
 
@@ -118,6 +121,34 @@ def test_zip_is_reproducible_and_its_sha256_is_printed(packaged, source_bundle, 
     rebuilt = Path(package_bundle.main(output_dir=str(tmp_path / "b"), bundle_root=str(source_bundle),
                                        base_url="http://x/weights"))
     assert hashlib.sha256(rebuilt.read_bytes()).hexdigest() == digest
+
+
+def test_the_zip_ships_the_recipe_and_metadata_describing_its_weights(packaged, source_bundle, tmp_path):
+    archive = zipfile.ZipFile(packaged)
+    recipe = json.loads(archive.read("segan/models/model_recipe.json"))
+    assert recipe["features"] == list(FEATURES)
+    formats = json.loads(archive.read("segan/configs/metadata.json"))["network_data_format"]
+    assert formats["inputs"]["image"]["channel_def"] == {"0": "T1c", "1": "T2", "2": "FLAIR"}
+    assert formats["post_processed_outputs"]["pred"]["channel_def"]["4"] == "enhancing tumor"
+
+    custom = tmp_path / "segan"
+    shutil.copytree(source_bundle, custom)
+    model = custom / "models" / "model.pt"
+    torch.save(SegANSegmentor(in_channels=1, out_channels=2, features=FEATURES).state_dict(), model)
+    write_recipe(str(model), {"features": list(FEATURES), "skip": "cat", "modalities": ["mri"],
+                              "regions": {"gm": [1], "wm": [2]}, "region_labels": [1, 2]})
+    formats = json.loads(zipfile.ZipFile(package_bundle.main(output_dir=str(tmp_path / "dist"), bundle_root=str(custom)))
+                         .read("segan/configs/metadata.json"))["network_data_format"]
+    assert formats["inputs"]["image"]["channel_def"] == {"0": "mri"}
+    assert formats["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "gm", "2": "wm"}
+
+
+def test_packaging_weights_without_their_recipe_says_what_to_do(source_bundle, tmp_path):
+    bare = tmp_path / "segan"
+    shutil.copytree(source_bundle, bare)
+    os.remove(bare / "models" / "model_recipe.json")
+    with pytest.raises(FileNotFoundError, match="no recipe beside"):
+        package_bundle.main(output_dir=str(tmp_path / "dist"), bundle_root=str(bare))
 
 
 def test_packaging_without_trained_weights_says_what_to_do(source_bundle, tmp_path):

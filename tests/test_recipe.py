@@ -1,0 +1,67 @@
+"""A model's recipe travels with it: training records, beside models/model.pt, the settings the network is
+trained for; inference and evaluation take their defaults from the record and refuse a contradicting override."""
+
+import json
+
+import pytest
+from monai.bundle import ConfigParser
+from monai.bundle.scripts import run
+
+from bundle.checkpoints import check_recipe, read_recipe, recipe_path, write_recipe
+from bundle.demo import make_demo_dataset
+from helpers import ROOT, TINY
+
+TRAIN = str(ROOT / "configs" / "train.json")
+INFERENCE = str(ROOT / "configs" / "inference.json")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A bundle root after a tiny training with non-default settings, and its data."""
+    root = tmp_path_factory.mktemp("bundle")
+    data = root / "data"
+    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
+    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(data),
+        **{**TINY, "max_epochs": 1, "skip": "add", "modalities": ["t2", "flair"]})
+    return root, data
+
+
+def test_training_records_the_recipe_beside_the_weights(trained):
+    root, _ = trained
+    recipe = json.loads((root / "models" / "model_recipe.json").read_text())
+    assert recipe["features"] == TINY["features"] and recipe["skip"] == "add"
+    assert recipe["modalities"] == ["t2", "flair"] and recipe["context_slices"] == 0
+    assert recipe["regions"]["enhancing_tumor"] == [4] and recipe["region_labels"] == [2, 1, 4]
+    assert recipe["multiclass"] is False and recipe["normalization"] == "zscore"
+
+
+def test_inference_builds_the_recorded_network_with_no_override(trained, tmp_path):
+    root, data = trained
+    parser = ConfigParser()
+    parser.read_config(INFERENCE)
+    parser.update({"bundle_root": str(root)})
+    assert parser.get_parsed_content("features") == TINY["features"]
+    assert parser.get_parsed_content("modalities") == ["t2", "flair"]
+    run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
+        num_workers=0, progress=False)
+    assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 4
+
+
+def test_an_override_that_contradicts_the_recipe_names_the_setting_and_both_values(trained, tmp_path):
+    root, data = trained
+    with pytest.raises(Exception) as error:
+        run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
+            num_workers=0, progress=False, modalities=["t1c", "t2", "flair"])
+    text = str(error.value) + str(error.value.__cause__)
+    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in text and "trained with modalities ['t2', 'flair']" in text
+
+
+def test_recipe_helpers(tmp_path):
+    ckpt = str(tmp_path / "model.pt")
+    assert read_recipe(ckpt) == {} and recipe_path(ckpt) == str(tmp_path / "model_recipe.json")
+    write_recipe(ckpt, {"features": (4, 8), "regions": {"a": [1]}})
+    check_recipe(ckpt, read_recipe(ckpt), {"features": [4, 8], "regions": {"a": (1,)}, "skip": "cat"})
+    with pytest.raises(ValueError, match=r"`features` is \[4, 16\] in this run.*features \[4, 8\]"):
+        check_recipe(ckpt, read_recipe(ckpt), {"features": [4, 16]})
+    with pytest.raises(ValueError, match="not among"):
+        write_recipe(ckpt, {"learning_rate": 1.0})
