@@ -94,6 +94,15 @@ def test_gradient_checkpointing_changes_memory_not_the_result():
     torch.testing.assert_close(scripted(x), saving(x))
 
 
+def test_the_recipe_turns_gradient_checkpointing_on_by_one_key():
+    parser = ConfigParser()
+    parser.read_config(TRAIN_3D)
+    parser.update({"features": FEATURES, "gradient_checkpointing": True})
+    network = parser.get_parsed_content("network_def")
+    assert network.gradient_checkpointing and isinstance(network.encoder[0].conv, torch.nn.Conv3d)
+    assert parser.get_parsed_content("critic_def#spatial_dims") == 3
+
+
 def _volume_batch():
     g = torch.Generator().manual_seed(0)
     image = torch.rand(2, 2, 16, 16, 16, generator=g) + 0.5
