@@ -1,5 +1,7 @@
 """Speed options change how fast, not what: each runs one training iteration and one inference on a CPU and
-gives the default's result (docs/performance.md has what each one buys)."""
+gives the default's result (docs/performance.md has what each one buys). Mixed precision really autocasts on a
+CPU (bfloat16 / float16 networks, float32 losses), so it gives the default's result within its rounding: the
+weights within a few learning-rate steps, and the label maps on all but a few voxels."""
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +13,10 @@ from monai.bundle.scripts import run
 from bundle.demo import make_demo_dataset
 from helpers import ROOT, TINY
 
+#: Options that change the arithmetic: (weight tolerance, fraction of label voxels that may differ). RMSProp's
+#: first step moves a weight by lr / sqrt(1 - alpha) = 2e-4 either way, so a gradient whose sign the rounding
+#: flips leaves that weight 4e-4 from the default's.
+REDUCED_PRECISION = {"amp_float16": (5e-4, 0.01), "amp_bfloat16": (5e-4, 0.01)}
 OPTIONS = {
     "channels_last": {"channels_last": True},
     "compile": {"compile": "eager"},  # dynamo traces the networks; inductor's C++ build takes minutes on a CPU
@@ -71,8 +77,12 @@ def test_a_speed_option_trains_and_infers_like_the_default(name, case, defaults,
     option_weights, option_output = _one_training_iteration(**OPTIONS[name])
     assert torch.isfinite(option_output["loss"]) and torch.isfinite(option_output["critic_loss"])
     assert option_weights.keys() == weights.keys()  # a compiled network keeps its checkpoint keys
+    atol, mismatch = REDUCED_PRECISION.get(name, (1e-5, 0.0))
     for key, value in weights.items():
-        torch.testing.assert_close(option_weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(option_weights[key], value, rtol=1e-4, atol=atol, msg=key)
     option_labels = _infer(case, tmp_path, **OPTIONS[name])
     assert option_labels.any()
-    np.testing.assert_array_equal(option_labels, labels)
+    if mismatch:
+        assert np.mean(option_labels != labels) <= mismatch
+    else:
+        np.testing.assert_array_equal(option_labels, labels)
