@@ -1,4 +1,4 @@
-"""Axial slice sampling for training: many random 2D patches from each cached 3D volume (SPEC, training data).
+"""Axial slice sampling for training: many random 2D patches from each cached 3D volume (Xue et al. 2018, section 3).
 
 SegAN trains on axial slices, each a random in-plane crop (160x160 of the 180x180 centre crop). The bundle caches
 each normalised volume once and draws ``num_samples`` slices per visit. MONAI's ``RandSpatialCropSamplesd``
@@ -6,7 +6,8 @@ each normalised volume once and draws ``num_samples`` slices per visit. MONAI's 
 per-transform bookkeeping (a ``MetaTensor`` round trip, tracing, dtype checks): on one CPU thread the training
 loader reached about 230-330 slices/s, almost all of it overhead. :class:`RandAxialSlicesd` draws the same
 patches with the same random numbers (so a seeded training run is unchanged) and cuts each with one indexing
-operation.
+operation. Volumes stored in a smaller type by ``bundle.memory.CacheDtyped`` (``cache_dtype`` float16 or uint8) are
+restored to float32 patch by patch, so the cache stays small.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import MAX_SEED, ensure_tuple_rep
+
+from .memory import ENCODING, restore
 
 __all__ = ["RandAxialSlicesd"]
 
@@ -37,6 +40,8 @@ class RandAxialSlicesd(Randomizable, MapTransform):
     so the two give identical batches for one seed; the output has no slice dimension and is ``dtype``, as
     after ``SqueezeDimd(dim=-1)`` and ``EnsureTyped(dtype=dtype, track_meta=False)``. Each patch is a copy, so
     a later in-place transform cannot change the cached volume. Keys not listed are shared with the input dict.
+    A volume stored by ``bundle.memory.CacheDtyped`` (its encoding in ``<key>_encoding``) is restored per
+    patch (:func:`bundle.memory.restore`), and the encoding entries are left out of the patches.
 
     Volumes are ``(C, H, W, D)`` (``slice_dim=3``) or ``(C, D, H, W)`` (``slice_dim=1``). The second layout, made
     once before caching with ``Transposed(indices=[0, 3, 1, 2])``, keeps each axial slice contiguous in memory, so
@@ -102,11 +107,15 @@ class RandAxialSlicesd(Randomizable, MapTransform):
         shape = tuple(next(iter(volumes.values())).shape[1:])
         spatial = shape if self.slice_dim == 3 else (shape[1], shape[2], shape[0])  # (H, W, D)
         h, w = (min(p, s) for p, s in zip(self.patch_size, spatial[:2]))
+        encodings = {key: data.get(f"{key}{ENCODING}") for key in volumes}
+        shared = {k: v for k, v in data.items() if not (isinstance(k, str) and k.endswith(ENCODING))}
         samples = []
         for x, y, z in self.corners(spatial):
-            sample = dict(data)
+            sample = dict(shared)
             for key, volume in volumes.items():
-                patch = volume[:, x : x + h, y : y + w, z] if self.slice_dim == 3 else volume[:, z, x : x + h, y : y + w]
-                sample[key] = patch.to(self.dtype, copy=True)
+                patch = (
+                    volume[:, x : x + h, y : y + w, z] if self.slice_dim == 3 else volume[:, z, x : x + h, y : y + w]
+                )
+                sample[key] = restore(patch, encodings[key], self.dtype)
             samples.append(sample)
         return samples
