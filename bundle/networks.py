@@ -2,7 +2,7 @@
 
 Both are built from MONAI's ``Convolution`` blocks and parameter-free resize layers. The segmentor returns logits: apply a
 sigmoid to get the paper's probability label maps (the trainer and the inference post-processing do this,
-so a threshold is never applied to logits by mistake, SPEC section 1).
+so a threshold is never applied to logits by mistake).
 """
 
 from __future__ import annotations

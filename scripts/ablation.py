@@ -202,7 +202,7 @@ SUITES["brats_sized"] = Suite(
 )
 
 
-# Moeskops et al. 2017 (seed 002): the paper's four rows, the FCN and the dilated network each without and with the
+# Moeskops et al. 2017: the paper's four rows, the FCN and the dilated network each without and with the
 # discriminator, on the demo suite's data and budget. The BraTS labels are 4 mutually exclusive classes (softmax)
 # here, not nested regions, so these rows have a suite (and a table) of their own. The CPU budget halves the
 # widths: 16 kernels per 3x3 layer (the paper: 32), 64 in the FCN's 1x1 layer (256) and the discriminator's fully
@@ -238,7 +238,7 @@ def prepare_lesion_demo(work_dir: Path, configs: Sequence[str], overrides: Mappi
     return {"dataset_dir": ensure_lesion_demo(work_dir / "data", num_images=images, progress=True)}
 
 
-register(Row("SegAN", (), description="seed 004's recipe: one lesion map, one critic, multi-scale L1 loss"))
+register(Row("SegAN", (), description="the ISIC re-implementation report's recipe: one lesion map, one critic, multi-scale L1 loss"))
 register(Row("SegAN + Dice", (), {"dice_weight": 1.0}, "adversarial + soft Dice term"))
 
 SUITES["isic"] = Suite(

@@ -1,4 +1,4 @@
-"""Training slices (SPEC, training data): many random axial patches per cached volume, cut by ``RandAxialSlicesd``.
+"""Training slices (Xue et al. 2018, section 3): many random axial patches per cached volume, cut by ``RandAxialSlicesd``.
 
 The claims: the patches are exactly those of MONAI's ``RandSpatialCropSamplesd`` with a ``[h, w, 1]`` ROI for one
 seed (so replacing it changed no training run), in either memory layout; each patch is a copy of the cache.
