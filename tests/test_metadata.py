@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
+from bundle.checkpoints import write_recipe
 from bundle.constants import REGION_LABEL_PRESETS, label_channel_def
 from bundle.networks import SegANSegmentor
 from bundle.transforms import RegionsToLabeld
@@ -43,10 +44,12 @@ def test_metadata_that_breaks_the_schema_is_refused(tmp_path):
 
 @pytest.mark.parametrize("features", [None, [4, 8, 16, 32]])
 def test_network_matches_the_declared_inputs_and_outputs(tmp_path, features):
-    """``verify_net_in_out`` on the paper's network, and on a bundle whose models/model.pt has other widths."""
+    """``verify_net_in_out`` on the paper's network, and on a bundle whose models/model.pt has other widths (as a
+    packaged bundle ships them: with the recipe record that says so)."""
     if features is not None:
         (tmp_path / "models").mkdir()
         torch.save(SegANSegmentor(features=features).state_dict(), tmp_path / "models" / "model.pt")
+        write_recipe(str(tmp_path / "models" / "model.pt"), {"features": features})
     verify_net_in_out(
         net_id="network_def", meta_file=str(META), config_file=str(INFERENCE), device="cpu", n=2,
         bundle_root=str(tmp_path),
@@ -57,7 +60,7 @@ def test_output_channel_def_names_the_label_values_the_inference_writes():
     metadata = json.loads(META.read_text())["network_data_format"]
     parser = ConfigParser()
     parser.read_config(str(INFERENCE))
-    convention = parser["label_convention"]
+    convention = parser.get_parsed_content("label_convention")  # the recipe's, else the BraTS one
     expected = label_channel_def(convention)
     assert metadata["outputs"]["pred"]["channel_def"] == expected  # what MONAI Label's /info lists
     assert metadata["post_processed_outputs"]["pred"]["channel_def"] == expected

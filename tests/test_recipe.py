@@ -65,3 +65,17 @@ def test_recipe_helpers(tmp_path):
         check_recipe(ckpt, read_recipe(ckpt), {"features": [4, 16]})
     with pytest.raises(ValueError, match="not among"):
         write_recipe(ckpt, {"learning_rate": 1.0})
+
+
+def test_weights_of_other_widths_without_a_recipe_are_refused_naming_the_setting(tmp_path):
+    """Weights with no recipe record are checked against the config before a non-strict loader could take a part."""
+    import torch
+
+    from bundle.checkpoints import checked_features
+    from bundle.networks import SegANSegmentor
+
+    ckpt = str(tmp_path / "model.pt")
+    torch.save(SegANSegmentor(features=[4, 8, 16, 32]).state_dict(), ckpt)
+    assert checked_features(ckpt, [4, 8, 16, 32], "cat", 3, 3) == [4, 8, 16, 32]
+    with pytest.raises(ValueError, match=r"\[4, 8, 16, 32\] features but the config gives \[64, 128, 256, 512\]"):
+        checked_features(ckpt, [64, 128, 256, 512], "cat", 3, 3)
