@@ -112,7 +112,11 @@ def check_origin(
         state = state["model"]
     network.load_state_dict(state)
     network.eval()
-    x = torch.randn((1, int(in_channels), size, size), generator=torch.Generator().manual_seed(0))
+    conv = next((m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    spatial_dims = conv.weight.dim() - 2 if conv is not None else 2
+    if spatial_dims == 3:
+        size = min(size, 32)  # a 3D network (Xue et al.'s critic and segmentor with spatial_dims 3): a smaller cube
+    x = torch.randn((1, int(in_channels), *[size] * spatial_dims), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = network(x)
         got = torch.as_tensor(run_export(x)).to(expected.dtype)

@@ -369,3 +369,17 @@ def test_the_3d_metadata_overlay_states_volume_shapes_that_verify_net_in_out_acc
         verify_net_in_out(
             net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=INFERENCE_3D, features=FEATURES
         )
+
+
+def test_the_export_origin_check_probes_a_3d_network_with_a_volume(tmp_path):
+    from bundle.networks import SegANSegmentor
+    from bundle.provenance import check_origin
+
+    network = SegANSegmentor(spatial_dims=3, in_channels=3, out_channels=3, features=(4, 8, 16, 32))
+    weights = tmp_path / "model.pt"
+    torch.save(network.state_dict(), weights)
+    export = tmp_path / "model.onnx"
+    export.write_bytes(b"stands in for an export")
+    network.eval()
+    with torch.no_grad():
+        assert check_origin(str(export), str(weights), run_export=network, network=network, in_channels=3) == "computed"
