@@ -17,6 +17,15 @@ class ForegroundSliceInferer(SliceInferer):
     A case with no foreground at all is cropped to an empty image: its prediction is an empty array of
     ``out_channels`` maps, with no network call, which ``Invertd`` pads back into an all-background map.
 
+    Whole slices (``roi_size`` covering the plane, ``[-1, -1]`` in the configs) take a direct path: the slices
+    copied once into one batch-major array in the network's memory format, then batches of ``sw_batch_size``
+    of them (views, no copies) through the network under ``torch.inference_mode``, written into one
+    preallocated output. ``SliceInferer`` would run the same batches through MONAI's sliding window (a window
+    per slice, gathered per batch, an importance map of ones, a count map, a division by 1), so the result is
+    bit-identical; the path only skips that bookkeeping and its per-batch temporaries. Any
+    other setting (a smaller ``roi_size``, a blend mode other than ``constant``, extra network arguments) goes
+    through ``SliceInferer``.
+
     Args:
         out_channels: channels of the network's output (one per region).
         args, kwargs: as ``monai.inferers.SliceInferer``.
@@ -29,7 +38,64 @@ class ForegroundSliceInferer(SliceInferer):
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if 0 in inputs.shape[2:]:
             return torch.zeros((inputs.shape[0], self.out_channels, *inputs.shape[2:]), device=inputs.device)
+        if self._whole_slices(inputs) and not args and not kwargs:
+            return self._slice_batches(inputs, network)
         return super().__call__(inputs, network, *args, **kwargs)
+
+    def _whole_slices(self, inputs: torch.Tensor) -> bool:
+        """Whether every window is one whole axial slice, blended with constant weights (the direct path)."""
+        from monai.utils import BlendMode, fall_back_tuple
+
+        if self.spatial_dim != 2 or inputs.ndim != 5 or len(self.orig_roi_size) != 2:
+            return False
+        plane = tuple(inputs.shape[2:4])
+        roi = fall_back_tuple(self.orig_roi_size, plane)
+        same_device = self.sw_device is None or torch.device(self.sw_device) == inputs.device
+        same_device = same_device and (self.device is None or torch.device(self.device) == inputs.device)
+        options = (self.buffer_steps, self.with_coord, self.progress)
+        return (
+            tuple(roi) == plane and self.mode == BlendMode.CONSTANT and same_device and options == (None, False, False)
+        )
+
+    def _slice_batches(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """The network over batches of whole slices, grouped as MONAI's sliding window groups its windows."""
+        from monai.utils import convert_to_dst_type
+
+        plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        batch, channels, height, width, depth = plain.shape
+        # every slice of every case, case-major as sliding_window_inference enumerates its windows, copied once
+        # into the layout the network's weights use (channels-last: (N, H, W, C) memory, NCHW shape)
+        if _memory_format(network) == torch.channels_last:
+            slices = plain.permute(0, 4, 2, 3, 1).reshape(batch * depth, height, width, channels).permute(0, 3, 1, 2)
+        else:
+            slices = plain.permute(0, 4, 1, 2, 3).reshape(batch * depth, channels, height, width)
+        output = None
+        with torch.inference_mode():
+            for start in range(0, batch * depth, self.sw_batch_size):
+                pred = network(slices[start : start + self.sw_batch_size])
+                if not isinstance(pred, torch.Tensor) or tuple(pred.shape[2:]) != (height, width):
+                    return super().__call__(inputs, network)  # outputs SliceInferer restacks itself
+                if output is None:
+                    with torch.inference_mode(False):  # a normal tensor, free to be changed in place later
+                        output = torch.empty(
+                            (batch, pred.shape[1], height, width, depth), dtype=plain.dtype, device=plain.device
+                        )
+                stop = start + pred.shape[0]
+                for b in range(start // depth, (stop - 1) // depth + 1):  # a batch may span two cases
+                    first, last = max(start, b * depth), min(stop, (b + 1) * depth)
+                    part = pred[first - start : last - start].permute(1, 2, 3, 0)
+                    output[b, ..., first - b * depth : last - b * depth].copy_(part)
+        return convert_to_dst_type(output, inputs, device=inputs.device)[0]
+
+
+def _memory_format(network) -> torch.memory_format:
+    """``torch.channels_last`` for a network whose convolution weights are stored so (``channels_last`` key)."""
+    for parameter in getattr(network, "parameters", lambda: [])():
+        if parameter.ndim == 4 and parameter.is_contiguous() != parameter.is_contiguous(
+            memory_format=torch.channels_last
+        ):
+            return torch.contiguous_format if parameter.is_contiguous() else torch.channels_last
+    return torch.contiguous_format
 
 
 class OnnxRuntimeNetwork(torch.nn.Module):
