@@ -74,10 +74,21 @@ def segmentor_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
+#: Entries of a full training state (``configs/train.json``'s ``train#state``) besides the segmentor's ``network``.
+TRAINING_STATE_KEYS = frozenset({"trainer", "optimizer", "critic", "critic_optimizer", "model_saver"})
+
+
 def _load_state(path: str) -> Mapping[str, torch.Tensor]:
     state = _load(path, "Point --ckpt_path at a complete model.pt, or train again.")
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]  # a {"model": state dict} checkpoint, which CheckpointLoader also accepts
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping) and TRAINING_STATE_KEYS & set(state):
+        raise ValueError(
+            f"'{path}' is a training state (entries {sorted(state)}: what --resume true reads to continue a "
+            "training), not a model's weights. Point --ckpt_path at the model.pt training saved beside its "
+            "checkpoints folder (models/model.pt: the best validation's weights), or, to continue that training, "
+            f"run configs/train.json with --resume true --state_dir '{os.path.dirname(os.path.abspath(path))}'."
+        )
     if not isinstance(state, Mapping):
         raise ValueError(f"'{path}' holds a {type(state).__name__}, not a state dict of network_def.")
     return state

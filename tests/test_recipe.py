@@ -79,3 +79,16 @@ def test_weights_of_other_widths_without_a_recipe_are_refused_naming_the_setting
     assert checked_features(ckpt, [4, 8, 16, 32], "cat", 3, 3) == [4, 8, 16, 32]
     with pytest.raises(ValueError, match=r"\[4, 8, 16, 32\] features but the config gives \[64, 128, 256, 512\]"):
         checked_features(ckpt, [64, 128, 256, 512], "cat", 3, 3)
+
+
+def test_a_training_state_given_as_weights_is_named_with_what_to_use_instead(trained, tmp_path):
+    root, data = trained
+    state = root / "checkpoints" / "training_state.pt"
+    assert state.is_file()
+    with pytest.raises(Exception) as error:
+        run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
+            ckpt_path=str(state), num_workers=0, progress=False)
+    text = "".join(str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None)))
+    assert f"'{state}' is a training state" in text
+    assert "models/model.pt" in text and "--resume true" in text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
