@@ -17,9 +17,8 @@ settings that define the network and what it expects as input (:data:`RECIPE_SET
 defaults from it (``inference.json``'s ``recipe``), so a bundle serves whatever it trained without hand edits
 (MONAI Label and ``monai.bundle.load`` take no command-line overrides); an explicit override that contradicts
 it is an error naming the setting and both values (:func:`check_recipe`). Training from scratch reads nothing
-from an old ``model.pt`` except ``features`` and ``skip``, which ``train.json`` still reads from the weights
-(:func:`trained_setting`) so that MONAI Label, which prepends a non-strict ``CheckpointLoader``, fine-tunes the
-weights it serves.
+from an old ``model.pt``; a training that starts from weights (``--init_ckpt``, ``--resume``, MONAI Label's
+``/train``) builds the network its recipe records (:func:`fine_tune_source`, :func:`start_recipe`).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 from monai.handlers import CheckpointSaver
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils import IgniteInfo, min_version, optional_import, str2bool
 
 from .files import atomic_path, write_atomic
 
@@ -45,7 +44,8 @@ Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 
 __all__ = [
-    "SafeCheckpointSaver", "non_finite_entries", "trained_weights", "trained_setting", "segmentor_settings",
+    "SafeCheckpointSaver", "non_finite_entries", "trained_weights", "fine_tune_source", "start_recipe",
+    "segmentor_settings",
     "latest_training_state",
     "RECIPE_SETTINGS", "recipe_path", "read_recipe", "write_recipe", "check_recipe", "checked_features",
 ]
@@ -155,36 +155,54 @@ def check_recipe(ckpt_path: str, recipe: Mapping[str, Any], settings: Mapping[st
             )
 
 
-def trained_setting(
-    path: str, name: str, default: Any, in_channels: int | None = None, out_channels: int | None = None
-) -> Any:
-    """The segmentor setting ``name`` (``"features"`` or ``"skip"``) saved in ``path``; ``default`` if there is no
-    file, or it holds another network's weights.
+def fine_tune_source(init_ckpt: str, ckpt_path: str, resuming: Any = False, first_handler: Any = "") -> str:
+    """The weights a training starts from, whose recipe its network follows; ``""`` for a training from scratch.
 
-    With ``in_channels`` / ``out_channels`` (the configs pass ``len(modalities)`` and ``len(regions)``), weights
-    made for other channels are refused here with what to change, instead of being loaded in part: MONAI's
-    non-strict loaders (``monai.bundle.load``) silently skip every tensor whose shape differs.
+    A training from scratch never takes a setting from an old ``model.pt``: its network is the config's. A
+    training that continues from weights takes their widths and skip mode (:func:`start_recipe`):
+
+    - ``init_ckpt`` (``--init_ckpt <model.pt>``): fine-tune those weights;
+    - ``resuming`` (``--resume true``): the run's own ``ckpt_path``, written with the state being resumed;
+    - MONAI Label's ``/train``, which puts a ``CheckpointLoader`` of the served ``models/model.pt`` first in
+      ``train#handlers`` (``first_handler`` is that handler's ``_target_``): ``ckpt_path``, the served weights.
     """
-    if name not in ("features", "skip"):
-        raise ValueError(f"trained_setting reads 'features' or 'skip', got {name!r}.")
-    if not path or not os.path.isfile(path):
-        return default
+    if init_ckpt:
+        if not os.path.isfile(str(init_ckpt)):
+            raise FileNotFoundError(
+                f"init_ckpt '{init_ckpt}' is not a file: point --init_ckpt at the model.pt to fine-tune, or drop it "
+                "to train from scratch."
+            )
+        return str(init_ckpt)
+    resuming = str2bool(resuming) if isinstance(resuming, str) else bool(resuming)
+    served = isinstance(first_handler, str) and first_handler.rsplit(".", 1)[-1] == "CheckpointLoader"
+    if (resuming or served) and ckpt_path and os.path.isfile(str(ckpt_path)):
+        return str(ckpt_path)
+    return ""
+
+
+def start_recipe(path: str) -> dict[str, Any]:
+    """The recipe of the weights a training starts from (:func:`fine_tune_source`); ``{}`` from scratch.
+
+    Weights with no recipe record (from before records, or from elsewhere) give the widths and skip mode their
+    tensors have, with a warning, so that a non-strict loader (MONAI Label's) never loads them in part.
+    """
+    if not path:
+        return {}
+    recipe = read_recipe(path)
+    if recipe:
+        logger.info(f"starting from '{path}': network settings from its recipe '{recipe_path(path)}'.")
+        return recipe
     try:
         settings = segmentor_settings(_load_state(path))
-    except ValueError:  # weights of another network_def (an overlay's): nothing to read, the config decides
-        return default
-    for key, expected, what in (
-        ("in_channels", in_channels, "modalities` and `context_slices"), ("out_channels", out_channels, "regions")
-    ):
-        if expected is not None and settings[key] != int(expected):
-            raise ValueError(
-                f"the segmentor in '{path}' has {settings[key]} {key.replace('_', ' ')} but the config gives "
-                f"{int(expected)} (from `{what}`). Run with the `{what}` it was trained with, or point --ckpt_path "
-                "at weights trained with these."
-            )
-    if settings[name] != default:
-        logger.info(f"network_def {name}={settings[name]}, as saved in '{path}' (the config default is {default}).")
-    return settings[name]
+    except ValueError as error:
+        if "training state" in str(error) or "cannot load" in str(error):
+            raise
+        return {}  # weights of another network_def (an overlay's): the config decides, the loader checks
+    logger.warning(
+        f"'{path}' has no recipe record ('{recipe_path(path)}'): starting from its widths {settings['features']} "
+        f"and skip '{settings['skip']}' as its tensors give them; pass the other settings it was trained with."
+    )
+    return {"features": settings["features"], "skip": settings["skip"]}
 
 
 def checked_features(

@@ -92,3 +92,56 @@ def test_a_training_state_given_as_weights_is_named_with_what_to_use_instead(tra
     assert f"'{state}' is a training state" in text
     assert "models/model.pt" in text and "--resume true" in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _train_features(bundle_root, **overrides):
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"bundle_root": str(bundle_root), **overrides})
+    return parser.get_parsed_content("features"), parser.get_parsed_content("skip")
+
+
+def test_a_training_from_scratch_never_takes_the_widths_of_an_old_model_but_fine_tuning_does(tmp_path):
+    import torch
+
+    from bundle.networks import SegANSegmentor
+
+    old = tmp_path / "models" / "model.pt"
+    old.parent.mkdir()
+    torch.save(SegANSegmentor(features=[4, 8, 16, 32], skip="add").state_dict(), old)
+    write_recipe(str(old), {"features": [4, 8, 16, 32], "skip": "add"})
+    assert _train_features(tmp_path) == ([64, 128, 256, 512], "cat")  # from scratch: the config's network
+    assert _train_features(tmp_path, resume=True) == ([4, 8, 16, 32], "add")  # the run's own weights
+    assert _train_features(tmp_path / "elsewhere", init_ckpt=str(old)) == ([4, 8, 16, 32], "add")
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    handlers = parser.get("train#handlers")  # what MONAI Label's /train puts in front: its loader of the served model
+    handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(old), "load_dict": {"model": "$@network"}})
+    assert _train_features(tmp_path, **{"train#handlers": handlers}) == ([4, 8, 16, 32], "add")
+    old.with_name("model_recipe.json").unlink()  # weights from before records: their tensors give the widths
+    assert _train_features(tmp_path, resume=True) == ([4, 8, 16, 32], "add")
+    with pytest.raises(Exception) as error:
+        _train_features(tmp_path, init_ckpt=str(tmp_path / "missing.pt"))
+    assert f"init_ckpt '{tmp_path / 'missing.pt'}' is not a file" in str(error.value.__cause__)
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_recipe(trained, tmp_path):
+    import torch
+
+    root, data = trained
+    init = root / "models" / "model.pt"
+    common = dict(config_file=TRAIN, dataset_dir=str(data), init_ckpt=str(init),
+                  **{**{k: v for k, v in TINY.items() if k != "features"}, "max_epochs": 1})
+    with pytest.raises(Exception) as error:  # the weights were trained on t2 and flair: a run on 3 channels is refused
+        run("training", bundle_root=str(tmp_path / "refused"), **common)
+    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in "".join(
+        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None)))
+    tuned = tmp_path / "tuned"
+    run("training", bundle_root=str(tuned), modalities=["t2", "flair"], learning_rate=1e-12, **common)
+    recipe = read_recipe(str(tuned / "models" / "model.pt"))
+    assert recipe["features"] == TINY["features"] and recipe["skip"] == "add"  # no --features, no --skip
+    before, after = torch.load(init, weights_only=True), torch.load(tuned / "models" / "model.pt", weights_only=True)
+    # a learning rate of 1e-12 moves no weight by more than 1e-9: the loaded weights, not new random ones
+    # (batch-norm statistics are updated by any training step; they are not weights)
+    weights = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert weights and all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in weights)
