@@ -446,7 +446,6 @@ def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
     )
 
 
-
 def latest_training_state(state_dir: str) -> str:
     """The newest full training state in ``state_dir`` that loads, for ``--resume true``.
 

@@ -121,7 +121,8 @@ def make_lesion_dataset(output_dir, num_images=(60, 12, 12), seed: int = 0, prog
         bar = tqdm(total=total, desc="lesion images", unit="image", disable=not progress)
         for split, n in zip(_SPLITS, num_images):
             data, truth = tmp / f"ISIC-2017_{split}_Data", tmp / f"ISIC-2017_{split}_Part1_GroundTruth"
-            data.mkdir(parents=True), truth.mkdir(parents=True)
+            data.mkdir(parents=True)
+            truth.mkdir(parents=True)
             for i in range(n):
                 index = _SPLITS[split] * 100_000 + i
                 size = np.random.default_rng([int(seed), index, 7]).integers(96, 161, size=2)

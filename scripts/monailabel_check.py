@@ -148,10 +148,15 @@ def _wait_for_server(base: str, server: subprocess.Popen, log: Path, timeout: fl
     raise TimeoutError(f"no answer from {base}/info/ after {timeout:.0f} s; see {log}")
 
 
+#: where the MONAI Label server's virtual environment is kept, and the weights it serves, unless given
+DEFAULT_VENV = str(Path.home() / ".cache" / "segan_monailabel" / "venv")
+DEFAULT_CKPT = str(ROOT / "models" / "model.pt")
+
+
 def main(
     workdir: str = "/tmp/segan_monailabel_check",
-    venv: str = str(Path.home() / ".cache" / "segan_monailabel" / "venv"),
-    ckpt_path: str = str(ROOT / "models" / "model.pt"),
+    venv: str = DEFAULT_VENV,
+    ckpt_path: str = DEFAULT_CKPT,
     num_cases: int = 3,
     start_timeout: float = 900,
 ) -> None:

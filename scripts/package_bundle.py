@@ -131,9 +131,13 @@ def _large_files_yml(weights: list[Path], base_url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the bundle packaged unless another is given: this checkout
+DEFAULT_BUNDLE_ROOT = str(ROOT)
+
+
 def main(
     output_dir: str = "dist",
-    bundle_root: str = str(ROOT),
+    bundle_root: str = DEFAULT_BUNDLE_ROOT,
     name: str = "segan",
     base_url: str = "",
     include_weights: bool = True,

@@ -124,7 +124,7 @@ class Probes:
         """Run ``action``; classify by whether it failed, whether the message names one of ``names``."""
         try:
             action()
-        except BaseException as error:  # noqa: B902 - a probe records every outcome
+        except BaseException as error:  # noqa: B036 - a probe records every outcome, SystemExit included
             text = _messages(error)
             left = out is not None and any(not f.startswith(".") for f in _files(out))
             if not expect_error:
