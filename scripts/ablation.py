@@ -49,7 +49,8 @@ from bundle.files import atomic_path  # noqa: E402
 #: Metrics taken from ``configs/evaluate.json``'s ``metrics_summary.json`` (case means per region).
 METRICS = ("dice", "precision", "sensitivity", "hd95", "components_pred", "components_label", "outside_head")
 #: Row pairs whose paired difference over seeds the report gives (when both rows ran on the same seeds).
-PAIRS = (("S3-3C", "U-net"), ("S3-3C", "S3-3C-s3"), ("S3-3C", "S3-3C + Dice"), ("S3-3C", "S3-3C literal"),
+PAIRS = (("S3-3C", "U-net"), ("S3-3C", "U-net + Dice"), ("S3-3C", "S1-1C"), ("S3-3C", "S3-1C"), ("S3-3C", "S3-3C-s0"),
+         ("S3-3C", "S3-3C-s3"), ("S3-3C", "S3-3C + Dice"), ("S3-3C", "S3-3C literal"),
          ("S3-3C", "S3-3C map"), ("S3-3C map", "S3-3C literal"), ("S3-3C", "S3-3C mean"), ("S3-3C", "S3-3C sum"),
          ("S3-3C", "S3-3C official"), ("S3-3C + Dice", "U-net + Dice"), ("U-net + Dice", "U-net"),
          ("S3-3C + 2.5D", "S3-3C"), ("S3-3C 3D", "S3-3C"), ("S3-3C shifted", "S3-3C literal"),
