@@ -1,8 +1,37 @@
-"""Shared test setup: make the bundle importable from the repository root without an install."""
+"""Shared test setup: make the bundle importable from the repository root without an install, and the fixtures
+several modules share.
 
-import os
+End-to-end tests (a training through ``monai.bundle run`` or ``ConfigWorkflow``, a subprocess such as torchrun,
+a server or a script, or anything over about a second) carry the ``slow`` marker: ``python -m pytest -q -m "not
+slow" tests`` runs the fast unit tests, ``python -m pytest -q tests`` runs everything.
+"""
+
 import sys
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import pytest
+
+from helpers import ROOT
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The small demo dataset (4 cases of 40x40x24 voxels, seed 1) that tests read from and never change.
+
+    A test that modifies cases copies them first; the session fails at teardown if any file here was added,
+    removed or rewritten, since later tests (of any module) read the same folder.
+    """
+    from bundle.demo import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
+    before = _listing(out)
+    yield out
+    assert _listing(out) == before, f"a test changed the shared demo dataset {out}; copy the cases it modifies"

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 from monai.bundle import ConfigParser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from helpers import ROOT  # this script's folder, tests/, is first on sys.path
+
+sys.path.insert(0, str(ROOT))
 
 parser = ConfigParser()
 parser.read_config([os.path.join(ROOT, "configs", "train.json"), os.path.join(ROOT, "configs", "multi_gpu_train.json")])

@@ -271,6 +271,7 @@ def trained(data, tmp_path_factory):
     return root, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_the_3d_recipe_trains_through_monai_bundle_run_with_bf16_autocast(trained):
     root, log = trained
     assert "non-finite" not in log.lower() and "Epoch[1] Complete" in log
@@ -278,6 +279,7 @@ def test_the_3d_recipe_trains_through_monai_bundle_run_with_bf16_autocast(traine
     assert state["encoder.0.conv.weight"].shape == (4, 3, 4, 4, 4)  # a 3D segmentor was trained and saved
 
 
+@pytest.mark.slow
 def test_3d_inference_writes_label_maps_in_the_input_geometry(trained, data, tmp_path):
     root, _ = trained
     command = [
@@ -307,6 +309,7 @@ def test_3d_inference_writes_label_maps_in_the_input_geometry(trained, data, tmp
         assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
 
 
+@pytest.mark.slow
 def test_the_3d_segmentor_exports_to_torchscript_and_onnx(trained, tmp_path):
     root, _ = trained
     from monai.bundle.scripts import ckpt_export

@@ -13,6 +13,7 @@ def ablation():
     return load_script("ablation")
 
 
+@pytest.mark.slow
 def test_two_rows_one_seed_end_to_end_and_resume(ablation, tmp_path, capsys):
     tiny = {**TINY, "max_epochs": 1, "demo_num_cases": 5, "demo_test_cases": 2, "demo_shape": [32, 32, 24]}
     args = dict(rows=["S3-3C", "U-net"], seeds=1, out=str(tmp_path / "report"), work_dir=str(tmp_path / "runs"))
@@ -52,6 +53,7 @@ def test_unknown_rows_are_named(ablation, tmp_path):
         ablation.ablation(rows=["S9-9C"], out=str(tmp_path), work_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_moeskops_suite_reports_one_column_per_class(ablation, tmp_path):
     tiny = {**TINY, "max_epochs": 1, "demo_num_cases": 5, "demo_test_cases": 2, "demo_shape": [32, 32, 24],
             "network_def#features": 4, "discriminator_features": 4, "discriminator_hidden": 8}
@@ -64,6 +66,7 @@ def test_moeskops_suite_reports_one_column_per_class(ablation, tmp_path):
     assert int(row["critic_parameters"]) > 0  # the discriminator
 
 
+@pytest.mark.slow
 def test_isic_suite_trains_on_the_lesion_demo_and_evaluates_its_test_set(ablation, tmp_path):
     tiny = {"lesion_demo_images": [4, 1, 2], "image_size": [32, 32], "features": [4, 8, 16, 32],
             "critic_features": [4, 8, 16], "batch_size": 4, "max_epochs": 1, "val_interval": 1, "num_workers": 0}

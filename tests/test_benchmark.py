@@ -6,7 +6,11 @@ meaningful wall-clock figure, so this checks only that each section runs and rep
 
 import json
 
+import pytest
+
 from helpers import load_script
+
+pytestmark = pytest.mark.slow  # the whole benchmark, end to end
 
 
 def test_the_benchmark_runs_every_section_on_tiny_settings_and_writes_its_json(tmp_path, capsys):

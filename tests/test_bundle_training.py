@@ -8,22 +8,15 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
-from bundle.demo import make_demo_dataset
-from helpers import TINY
+from helpers import ROOT, TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test trains (or starts a training) through monai.bundle run
+
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
-    return str(out)
-
-
 def _train(root, dataset_dir, **overrides):
-    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=dataset_dir, **{**TINY, **overrides})
+    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(dataset_dir), **{**TINY, **overrides})
 
 
 def test_training_writes_flat_segmentor_weights_metrics_and_training_state(tmp_path, demo_dir):
@@ -185,7 +178,7 @@ def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
     # `--amp false --resume false` reach the config as strings; "false" must not read as true
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": demo_dir, "amp": "false", "resume": "false"})
+    parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(demo_dir), "amp": "false", "resume": "false"})
     assert parser.get_parsed_content("train#trainer").amp is False
     parser.update({"multiclass": "false"})
     assert list(parser.get_parsed_content("regions")) == ["whole_tumor", "tumor_core", "enhancing_tumor"]
@@ -208,7 +201,7 @@ def test_slices_smaller_than_the_patch_are_padded_up_to_it(tmp_path, demo_dir):
     small = {"crop_size": [48, 48, 12], "patch_size": [48, 48]}
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({**TINY, **small, "dataset_dir": demo_dir})
+    parser.update({**TINY, **small, "dataset_dir": str(demo_dir)})
     for sample in parser.get_parsed_content("train#dataset")[0]:
         assert tuple(sample["image"].shape) == (3, 48, 48) and tuple(sample["label"].shape) == (3, 48, 48)
         # the 40 voxels of the case sit in the middle, 4 voxels of zero padding on each side

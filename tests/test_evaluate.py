@@ -23,11 +23,11 @@ from monai.bundle.scripts import run
 
 from bundle.datalist import build_datalist
 from bundle.demo import make_demo_dataset
+from helpers import ROOT
 
 # MONAI's own HausdorffDistanceMetric passes a deprecated argument to get_mask_edges; nothing to do with this bundle
 pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy.*:FutureWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
 EVALUATE = str(ROOT / "configs" / "evaluate.json")
@@ -290,6 +290,7 @@ def _official_brats_evaluator():
     )
 
 
+@pytest.mark.slow
 def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_maps(tmp_path):
     """``--lesion_wise true`` adds BraTS's lesion-wise scores, and every per-case number equals what ``panoptica``
     (the official BraTS evaluation) computes from the NIfTI files the bundle wrote and the reference files.

@@ -20,9 +20,8 @@ from bundle.intensity import ForegroundNormalized, head_mask
 from bundle.constants import MODALITIES, MSD_MODALITIES
 from bundle.datalist import inference_datalist
 from bundle.demo import make_demo_dataset
-from helpers import stack_to_4d
+from helpers import ROOT, stack_to_4d
 
-ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = str(ROOT / "configs" / "inference.json")
 SHAPE = (40, 37, 24)  # 37 pads to 48 unevenly (5 + 6), like 155 BraTS slices would
 TINY = {"features": [4, 8, 16, 32], "num_workers": 0, "sw_batch_size": 7}
@@ -241,6 +240,7 @@ def test_a_4d_single_file_case_gives_the_same_map_as_separate_files(tmp_path, de
         np.testing.assert_array_equal(np.asarray(other.dataobj), np.asarray(separate.dataobj))
 
 
+@pytest.mark.slow
 def test_brats2015_metaimage_case_keeps_its_geometry(tmp_path, demo_dir, bundle_root):
     import itk
     from monai.transforms import LoadImage

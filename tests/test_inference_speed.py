@@ -71,6 +71,7 @@ def test_reuse_memory_applies_on_linux_and_can_be_turned_off():
     assert reuse_memory(True) is True
 
 
+@pytest.mark.slow
 def test_inference_with_and_without_reuse_memory_writes_the_same_label_map(tmp_path):
     import nibabel as nib
     import numpy as np

@@ -75,6 +75,7 @@ def test_lesion_demo_is_written_in_the_isic_layout(tmp_path):
     assert image[mask > 0].mean() < image[mask == 0].mean() - 20
 
 
+@pytest.mark.slow
 def test_2d_rgb_training_writes_a_model_and_png_masks_at_each_images_size(tmp_path):
     from monai.bundle.scripts import run
 

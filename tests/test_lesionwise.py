@@ -10,7 +10,6 @@ with this bundle's label values): the report and the external evaluation must ag
 
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,9 @@ from monai.bundle import ConfigParser
 
 from bundle.lesionwise import LESION_QUANTITIES, lesion_evaluator, lesion_wise_scores
 from bundle.metrics import BRATS_EMPTY_HD95, brats_hd95
+from helpers import ROOT
 
-CONFIGS = [str(Path(__file__).resolve().parents[1] / "configs" / name) for name in ("inference.json", "evaluate.json")]
+CONFIGS = [str(ROOT / "configs" / name) for name in ("inference.json", "evaluate.json")]
 
 SPACING = (1.0, 1.2, 2.5)
 

@@ -13,8 +13,8 @@ from bundle.checkpoints import write_recipe
 from bundle.constants import REGION_LABEL_PRESETS, label_channel_def
 from bundle.networks import SegANSegmentor
 from bundle.transforms import RegionsToLabeld
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
 INFERENCE = ROOT / "configs" / "inference.json"
 SCHEMAS = ROOT.parent / "shared" / "schemas"  # CI clones the project beside shared/

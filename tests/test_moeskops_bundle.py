@@ -12,9 +12,8 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.demo import make_demo_dataset
-from helpers import TINY
+from helpers import ROOT, TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 SHAPE = (40, 37, 24)  # 37 pads unevenly, so a misplaced inverse pad would show
 CLASSES = ["background", "necrotic_core", "edema", "enhancing_tumor"]
@@ -35,6 +34,7 @@ def demo_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow
 def test_adversarial_fcn_trains_on_classes_and_infers_label_maps(tmp_path, demo_dir):
     overlays = ["moeskops/multiclass", "moeskops/fcn"]
     run(

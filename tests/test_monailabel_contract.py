@@ -104,6 +104,7 @@ def test_served_label_map_equals_the_bundle_inference(app_bundle, studies, tmp_p
     assert set(np.unique(served)) <= {0, 1, 2, 4}
 
 
+@pytest.mark.slow
 def test_training_with_monailabel_overrides_writes_a_model_it_can_serve(app_bundle, studies, tmp_path):
     bundle_root = tmp_path / "segan"
     shutil.copytree(app_bundle, bundle_root)

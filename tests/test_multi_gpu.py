@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
-from bundle.demo import make_demo_dataset
-from helpers import TINY
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bundle.demo import make_demo_dataset
+from helpers import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # trains under torchrun: two ranks in subprocesses
 
 
 def test_two_ranks_share_the_data_and_keep_identical_networks(tmp_path):

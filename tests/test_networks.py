@@ -6,6 +6,7 @@ from torch import nn
 
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor, critic_view, mask_image
+from helpers import ROOT
 
 SMALL = (4, 8, 16, 32)
 
@@ -104,19 +105,16 @@ def test_segmentor_scripts_to_torchscript_with_the_same_output():
 
 
 def test_bundle_exports_the_trained_segmentor_to_torchscript(tmp_path):
-    import os
-
     from monai.bundle.scripts import ckpt_export
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     net = SegANSegmentor(features=SMALL).eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
     ckpt_export(
         net_id="network_def",
         filepath=str(tmp_path / "model.ts"),
         ckpt_file=str(tmp_path / "model.pt"),
-        meta_file=os.path.join(root, "configs", "metadata.json"),
-        config_file=os.path.join(root, "configs", "inference.json"),
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        config_file=str(ROOT / "configs" / "inference.json"),
         features=list(SMALL),
     )
     exported = torch.jit.load(str(tmp_path / "model.ts"))

@@ -11,7 +11,6 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.demo import make_demo_dataset
 from helpers import ROOT, TINY
 
 CONFIGS = ROOT / "configs"
@@ -81,13 +80,6 @@ def test_folders_are_locked_and_cleaned_by_the_main_process_only():
         assert all(check.endswith("if @main_process else None") for check in checks if name in check)
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
-    return str(out)
-
-
 @pytest.mark.parametrize(
     "name, trainer, critic",
     [
@@ -102,11 +94,11 @@ def test_every_method_trains_under_the_same_amp_settings_and_handlers(name, trai
     settings = {"amp": True, "amp_dtype": "bfloat16", "device": "$torch.device('cpu')", "progress": False}
     if name and name.startswith("moeskops"):
         settings["patch_size"] = [48, 48]  # room for the discriminator's 21 + 2 x 2 pixel image patches
-    parser = _parser(files, **{**TINY, "dataset_dir": demo_dir, "bundle_root": str(tmp_path), **settings})
+    parser = _parser(files, **{**TINY, "dataset_dir": str(demo_dir), "bundle_root": str(tmp_path), **settings})
     engine = parser.get_parsed_content("train#trainer")
     assert type(engine).__name__ == trainer
     assert engine.amp is True and engine.amp_kwargs == {"dtype": torch.bfloat16}
-    base = _parser([], **{**TINY, "dataset_dir": demo_dir, "bundle_root": str(tmp_path), **settings})
+    base = _parser([], **{**TINY, "dataset_dir": str(demo_dir), "bundle_root": str(tmp_path), **settings})
     handlers = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
     expected = [type(h).__name__ for h in base.get_parsed_content("train#handlers")]
     if not critic:  # no critic: nothing to schedule, log or save for it

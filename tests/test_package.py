@@ -160,6 +160,7 @@ def test_packaging_without_trained_weights_says_what_to_do(source_bundle, tmp_pa
     assert not (tmp_path / "dist" / f"segan_v{__version__}.zip").exists()
 
 
+@pytest.mark.slow
 def test_downloaded_zip_runs_inference_from_another_folder(packaged, server, tmp_path):
     _, url = server
     bundles, elsewhere, data, out = (tmp_path / d for d in ("bundles", "elsewhere", "data", "predictions"))
@@ -177,6 +178,7 @@ def test_downloaded_zip_runs_inference_from_another_folder(packaged, server, tmp
     assert sorted(os.listdir(out)) == ["Demo_000_seg.nii.gz", "Demo_001_seg.nii.gz"]
 
 
+@pytest.mark.slow
 def test_large_files_yml_fetches_and_checks_the_weights(packaged, tmp_path):
     with zipfile.ZipFile(packaged) as archive:
         archive.extractall(tmp_path)
@@ -190,6 +192,7 @@ def test_large_files_yml_fetches_and_checks_the_weights(packaged, tmp_path):
     assert (bundle / "models" / "model.pt").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_monai_bundle_load_returns_the_trained_segmentor_with_every_tensor(packaged, tmp_path):
     with zipfile.ZipFile(packaged) as archive:
         archive.extractall(tmp_path / "bundles")
@@ -201,6 +204,7 @@ def test_monai_bundle_load_returns_the_trained_segmentor_with_every_tensor(packa
     assert "loaded 40 of 40 tensors" in got.stdout
 
 
+@pytest.mark.slow
 def test_monai_bundle_load_refuses_weights_it_could_only_load_in_part(packaged, tmp_path):
     with zipfile.ZipFile(packaged) as archive:
         archive.extractall(tmp_path / "bundles")

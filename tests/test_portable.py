@@ -6,10 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from bundle.demo import make_demo_dataset
-from helpers import TINY as TINY_SETTINGS
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, TINY as TINY_SETTINGS
+
+pytestmark = pytest.mark.slow  # trains and infers through `python -m monai.bundle` subprocesses
 
 # `python -m monai.bundle ...` with this project's editable install hidden and the working folder off sys.path
 UNINSTALLED = """
@@ -29,12 +30,11 @@ def _bundle(*args, cwd):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_unpacked_bundle_trains_and_infers_from_another_folder(tmp_path):
+def test_unpacked_bundle_trains_and_infers_from_another_folder(tmp_path, demo_dir):
     bundle_root = tmp_path / "unpacked" / "segan"
     for part in ("bundle", "configs"):
         shutil.copytree(os.path.join(ROOT, part), bundle_root / part, ignore=shutil.ignore_patterns("__pycache__"))
-    data = tmp_path / "data"
-    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
+    data = demo_dir
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     common = ["--bundle_root", str(bundle_root), "--dataset_dir", str(data)]

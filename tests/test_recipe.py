@@ -8,7 +8,6 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import check_recipe, read_recipe, recipe_path, write_recipe
-from bundle.demo import make_demo_dataset
 from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
@@ -16,16 +15,16 @@ INFERENCE = str(ROOT / "configs" / "inference.json")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, demo_dir):
     """A bundle root after a tiny training with non-default settings, and its data."""
     root = tmp_path_factory.mktemp("bundle")
-    data = root / "data"
-    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
+    data = demo_dir
     run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(data),
         **{**TINY, "max_epochs": 1, "skip": "add", "modalities": ["t2", "flair"]})
     return root, data
 
 
+@pytest.mark.slow
 def test_training_records_the_recipe_beside_the_weights(trained):
     root, _ = trained
     recipe = json.loads((root / "models" / "model_recipe.json").read_text())
@@ -35,6 +34,7 @@ def test_training_records_the_recipe_beside_the_weights(trained):
     assert recipe["multiclass"] is False and recipe["normalization"] == "zscore"
 
 
+@pytest.mark.slow
 def test_inference_builds_the_recorded_network_with_no_override(trained, tmp_path):
     root, data = trained
     parser = ConfigParser()
@@ -47,6 +47,7 @@ def test_inference_builds_the_recorded_network_with_no_override(trained, tmp_pat
     assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 4
 
 
+@pytest.mark.slow
 def test_an_override_that_contradicts_the_recipe_names_the_setting_and_both_values(trained, tmp_path):
     root, data = trained
     with pytest.raises(Exception) as error:
@@ -81,6 +82,7 @@ def test_weights_of_other_widths_without_a_recipe_are_refused_naming_the_setting
         checked_features(ckpt, [64, 128, 256, 512], "cat", 3, 3)
 
 
+@pytest.mark.slow
 def test_a_training_state_given_as_weights_is_named_with_what_to_use_instead(trained, tmp_path):
     root, data = trained
     state = root / "checkpoints" / "training_state.pt"
@@ -125,6 +127,7 @@ def test_a_training_from_scratch_never_takes_the_widths_of_an_old_model_but_fine
     assert f"init_ckpt '{tmp_path / 'missing.pt'}' is not a file" in str(error.value.__cause__)
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_recipe(trained, tmp_path):
     import torch
 

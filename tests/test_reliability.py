@@ -22,20 +22,12 @@ from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import latest_training_state, trained_weights
-from bundle.demo import make_demo_dataset
 from bundle.guards import lock_folder, remove_stale_temporaries
 from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
 SMALL_NET = {"features": TINY["features"], "num_workers": 0, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +99,7 @@ def test_non_finite_voxels_are_refused_naming_the_file(tmp_path, demo_dir, weigh
     assert _files(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_training_naming_the_iteration_and_nothing_non_finite_is_saved(tmp_path, demo_dir):
     # a learning rate this large overflows the weights within an iteration or two
     with pytest.raises(Exception) as error:
@@ -168,6 +161,7 @@ run("training", config_file=sys.argv[2], bundle_root=sys.argv[3], dataset_dir=sy
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_resume_continues(tmp_path, demo_dir):
     marker = tmp_path / "writing"
     settings = {**TINY, "max_epochs": 3}
@@ -228,6 +222,7 @@ def test_resume_skips_a_state_that_does_not_load_with_a_warning_naming_it(tmp_pa
 # 3. resume remembers the best score ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_compares_new_validations_with_the_best_one_before_the_interruption(tmp_path, demo_dir):
     _train(tmp_path, demo_dir, max_epochs=2)
     state_file = tmp_path / "checkpoints" / "training_state.pt"
@@ -252,6 +247,7 @@ def test_resume_compares_new_validations_with_the_best_one_before_the_interrupti
 # 4. no run ends with nothing and exit status 0 --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_training_shorter_than_one_validation_interval_still_validates_and_saves_a_model(tmp_path, demo_dir):
     _train(tmp_path, demo_dir, max_epochs=2, val_interval=5)
     history = json.loads((tmp_path / "eval" / "validation_metrics.json").read_text())
@@ -422,6 +418,7 @@ def test_an_axis_permuted_affine_and_its_sform_qform_codes_round_trip(tmp_path, 
 # 8. one training per state folder ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_training_into_the_same_state_folder_stops_naming_the_first_ones_pid(tmp_path, demo_dir):
     states = tmp_path / "checkpoints"
     holder = subprocess.Popen(
@@ -453,6 +450,7 @@ def test_a_second_training_into_the_same_state_folder_stops_naming_the_first_one
 # 9. batch inference goes on past a bad case, lists the failures and exits non-zero --------------------------------
 
 
+@pytest.mark.slow
 def test_batch_inference_skips_failed_cases_runs_the_rest_lists_failures_and_exits_non_zero(tmp_path, demo_dir, weights):
     data, out = tmp_path / "data", tmp_path / "out"
     for case in ("Demo_000", "Demo_001", "Demo_002", "Demo_003"):

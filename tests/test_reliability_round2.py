@@ -18,7 +18,6 @@ from monai.bundle.scripts import run
 from monai.transforms import EnsureChannelFirstd
 
 from bundle.datalist import SPLIT_RECORD, build_datalist, evaluation_datalist, inference_datalist, record_split
-from bundle.demo import make_demo_dataset
 from bundle.loading import LoadCaseImaged
 from bundle.settings_check import check_settings
 from bundle.transforms import LabelToRegionsd, SelectModalitiesd
@@ -30,13 +29,6 @@ EVALUATE = str(ROOT / "configs" / "evaluate.json")
 SMALL_NET = {"features": TINY["features"], "num_workers": 0, "progress": False}
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 BRATS = {"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]}
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +282,7 @@ def test_evaluation_never_scores_a_case_the_model_was_trained_on(tmp_path, demo_
         evaluation_datalist("", str(data), "validation", str(ckpt))
 
 
+@pytest.mark.slow
 def test_training_records_its_split_beside_the_model(tmp_path, demo_dir):
     run(
         "training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir), **{**TINY, "max_epochs": 1}
@@ -364,6 +357,7 @@ def test_the_settings_check_runs_before_any_work(tmp_path, demo_dir, weights):
 # stale derived files --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_onnx_export_of_other_weights_is_refused_naming_both_files(tmp_path, demo_dir, weights):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -71,7 +71,8 @@ def defaults(case, tmp_path_factory):
     return _one_training_iteration(), _infer(case, tmp_path_factory.mktemp("default"))
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
+# compile is slow (dynamo traces the networks for seconds); each other option runs in under a second
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "compile" else n for n in OPTIONS])
 def test_a_speed_option_trains_and_infers_like_the_default(name, case, defaults, tmp_path):
     (weights, output), labels = defaults
     option_weights, option_output = _one_training_iteration(**OPTIONS[name])

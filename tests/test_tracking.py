@@ -7,27 +7,26 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
-from bundle.demo import make_demo_dataset
 from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
+def trained(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("bundle")
-    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(data), **TINY)
+    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(demo_dir), **TINY)
     return root
 
 
+@pytest.mark.slow
 def test_training_draws_loss_and_dice_curves_beside_the_validation_metrics(trained):
     curves = trained / "eval" / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (trained / "eval" / "validation_metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_losses_learning_rates_and_region_dice(trained):
     pytest.importorskip("tensorboard", reason="TensorBoard events are written only when tensorboard is installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,15 +55,14 @@ def test_progress_bar_replaces_the_log_line_per_iteration(progress):
     assert logged == ([3, 6] if progress else [1, 2, 3, 4, 5, 6])
 
 
-def test_mlflow_tracking_logs_losses_and_validation_dice(tmp_path):
+@pytest.mark.slow
+def test_mlflow_tracking_logs_losses_and_validation_dice(tmp_path, demo_dir):
     """``--tracking configs/mlflow.json``: MONAI's bundle tracking, with a trainer handler that reads this trainer's losses."""
     pytest.importorskip("mlflow", reason="mlflow is not installed (heavy; not in the test extra)")
     import mlflow
     from monai.utils import path_to_sqlite_uri
 
-    data = tmp_path / "data"
-    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
-    run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(data),
+    run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir),
         tracking=str(ROOT / "configs" / "mlflow.json"), **TINY)
     client = mlflow.tracking.MlflowClient(tracking_uri=path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
     (run_info,) = client.search_runs([client.get_experiment_by_name("segan").experiment_id])

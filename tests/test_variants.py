@@ -8,12 +8,10 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
-from bundle.demo import make_demo_dataset
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import RegionSegmentors, SegANCritics
-from helpers import TINY
+from helpers import ROOT, TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s0", "s3_3c_s3", "unet", "context_2_5d")
 INFERENCE = os.path.join(ROOT, "configs", "inference.json")
@@ -104,20 +102,14 @@ def test_unet_baseline_lowers_its_loss_on_a_fixed_batch(dice_weight):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1)
-    return str(out)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains_through_monai_bundle_run(variant, tmp_path, demo_dir):
     run(
         "training",
         config_file=[TRAIN, _overlay(variant)],
         bundle_root=str(tmp_path),
-        dataset_dir=demo_dir,
+        dataset_dir=str(demo_dir),
         **{**TINY, "max_epochs": 1},
     )
     weights = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
@@ -154,8 +146,8 @@ def test_2_5d_inference_feeds_the_neighbours_training_fed(demo_dir):
 
     from bundle.datalist import load_datalist
 
-    case = load_datalist("", demo_dir, "training")[0]
-    settings = {**TINY, "context_slices": 1, "dataset_dir": demo_dir, "slices_per_volume": 6}
+    case = load_datalist("", str(demo_dir), "training")[0]
+    settings = {**TINY, "context_slices": 1, "dataset_dir": str(demo_dir), "slices_per_volume": 6}
     train = _parser("context_2_5d", **settings)
     parser = ConfigParser()
     parser.read_config([INFERENCE, _overlay("context_2_5d")])
