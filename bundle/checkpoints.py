@@ -155,7 +155,7 @@ def check_recipe(ckpt_path: str, recipe: Mapping[str, Any], settings: Mapping[st
             )
 
 
-def fine_tune_source(init_ckpt: str, ckpt_path: str, resuming: Any = False, first_handler: Any = "") -> str:
+def fine_tune_source(init_ckpt: str, ckpt_path: str, resuming: Any = False, first_handler: Any = None) -> str:
     """The weights a training starts from, whose recipe its network follows; ``""`` for a training from scratch.
 
     A training from scratch never takes a setting from an old ``model.pt``: its network is the config's. A
@@ -164,8 +164,17 @@ def fine_tune_source(init_ckpt: str, ckpt_path: str, resuming: Any = False, firs
     - ``init_ckpt`` (``--init_ckpt <model.pt>``): fine-tune those weights;
     - ``resuming`` (``--resume true``): the run's own ``ckpt_path``, written with the state being resumed;
     - MONAI Label's ``/train``, which puts a ``CheckpointLoader`` of the served ``models/model.pt`` first in
-      ``train#handlers`` (``first_handler`` is that handler's ``_target_``): ``ckpt_path``, the served weights.
+      ``train#handlers``: ``ckpt_path``, the served weights. ``first_handler`` is the ``_target_`` of that list's
+      first entry; ``None`` reads it from the raw config of the ``ConfigParser`` running this call (a list
+      that is empty, or whose first entry is a reference, has none).
     """
+    if first_handler is None:
+        from .settings_check import _running_parser
+
+        parser = _running_parser()
+        handlers = parser.get("train#handlers", []) if parser is not None else []
+        first = handlers[0] if isinstance(handlers, list) and handlers else None
+        first_handler = first.get("_target_", "") if isinstance(first, Mapping) else ""
     if init_ckpt:
         if not os.path.isfile(str(init_ckpt)):
             raise FileNotFoundError(

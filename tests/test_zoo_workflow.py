@@ -49,6 +49,7 @@ NUM_CASES = 5  # the 9:1 per-grade split holds out one: 4 training cases, 1 vali
 QUIET = {"num_workers": 0, "progress": False}
 
 pytestmark = [
+    pytest.mark.slow,  # every test trains or runs a workflow end to end
     # MONAI's own HausdorffDistanceMetric passes a deprecated argument to get_mask_edges; nothing to do with this bundle
     pytest.mark.filterwarnings("ignore:.*always_return_as_numpy.*:FutureWarning"),
     # the zoo's metadata key name that MONAI renames on reading
