@@ -6,7 +6,8 @@ method needs on top, one module per concept: ``networks`` (segmentor, critics), 
 cases on disk, naming them), ``datalist`` (split and load), ``phantom`` and ``demo`` (synthetic cases, the
 demo dataset on disk), ``lesion_demo`` (synthetic dermoscopy), ``inferers`` (slice inference over foreground
 crops), ``metrics``, ``reports`` and ``figures`` (evaluation outputs), ``checkpoints`` (finding weights and
-training states), ``speed`` (speed options), ``constants`` and ``files``; ``moeskops`` holds the networks of Moeskops et al. 2017, the
+training states), ``speed`` (speed options), ``constants`` and ``files``; ``moeskops`` holds the networks of Moeskops
+et al. 2017, the
 other adversarial system of the source papers.
 
 The configs reach it through one lazily resolved item, ``"segan": "$... pkgutil.resolve_name('bundle')"``,

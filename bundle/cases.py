@@ -19,7 +19,8 @@ with the images always in :data:`bundle.constants.MODALITIES` order and paths re
 (posix separators), so a datalist file can move with the data. The grade comes from an ``HGG``/``LGG``
 folder above the case (BRATS 2013/2015, BraTS 2018/2019); later releases have none.
 
-2D images with masks (the ISIC 2017 skin-lesion layout of the SegAN ISIC re-implementation report, or a folder of images beside a folder of
+2D images with masks (the ISIC 2017 skin-lesion layout of the SegAN ISIC re-implementation report, or a folder of
+images beside a folder of
 same-named masks) are found by :func:`find_image_pairs`, one item ``{"image", "label", "case"}`` per image.
 
 :func:`case_id` is what every output file of a case is named after: datalists, saved label maps, report rows
@@ -40,8 +41,19 @@ from .constants import MODALITIES, strip_image_suffix
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GRADES", "LAYOUTS_SEARCHED", "NIFTI_PATTERN", "check_dataset_dir", "find_cases", "case_id", "IMAGE_2D_SUFFIXES",
-    "ISIC_SPLITS", "LAYOUTS_2D", "find_image_pairs", "images_in", "loaded_from", "skipped_summary",
+    "GRADES",
+    "LAYOUTS_SEARCHED",
+    "NIFTI_PATTERN",
+    "check_dataset_dir",
+    "find_cases",
+    "case_id",
+    "IMAGE_2D_SUFFIXES",
+    "ISIC_SPLITS",
+    "LAYOUTS_2D",
+    "find_image_pairs",
+    "images_in",
+    "loaded_from",
+    "skipped_summary",
     "is_case_file",
 ]
 
@@ -296,7 +308,8 @@ def case_id(item: Any, case_key: str = "case", image_key: str = "image") -> str 
     return stem if stem != name else os.path.splitext(name)[0]
 
 
-# --- 2D images with masks: the ISIC 2017 skin-lesion layout (the SegAN ISIC re-implementation report), or any image folder beside a mask folder ---
+# --- 2D images with masks: the ISIC 2017 skin-lesion layout (the SegAN ISIC re-implementation report), or any image
+# folder beside a mask folder ---
 
 #: File extensions of 2D images and masks.
 IMAGE_2D_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -320,8 +333,11 @@ LAYOUTS_2D = (
 def images_in(folder: Path) -> list[Path]:
     """2D image files directly in ``folder``, sorted; hidden files and ISIC's ``*_superpixels.png`` skipped."""
     return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_2D_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_2D_SUFFIXES
         and not p.stem.lower().endswith("_superpixels")
     )
 

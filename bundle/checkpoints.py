@@ -44,10 +44,19 @@ Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 
 __all__ = [
-    "SafeCheckpointSaver", "non_finite_entries", "trained_weights", "fine_tune_source", "start_recipe",
+    "SafeCheckpointSaver",
+    "non_finite_entries",
+    "trained_weights",
+    "fine_tune_source",
+    "start_recipe",
     "segmentor_settings",
     "latest_training_state",
-    "RECIPE_SETTINGS", "recipe_path", "read_recipe", "write_recipe", "check_recipe", "checked_features",
+    "RECIPE_SETTINGS",
+    "recipe_path",
+    "read_recipe",
+    "write_recipe",
+    "check_recipe",
+    "checked_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,8 +105,15 @@ def _load_state(path: str) -> Mapping[str, torch.Tensor]:
 
 #: The settings a segmentor's weights are trained for, recorded beside them (``configs/train.json``'s ``recipe``).
 RECIPE_SETTINGS = (
-    "features", "skip", "modalities", "context_slices", "normalization", "label_convention", "regions",
-    "region_labels", "multiclass",
+    "features",
+    "skip",
+    "modalities",
+    "context_slices",
+    "normalization",
+    "label_convention",
+    "regions",
+    "region_labels",
+    "multiclass",
 )
 
 
@@ -240,8 +256,10 @@ def checked_features(
     except ValueError:  # weights of another network_def (an overlay's): checked when they load
         return features
     for key, expected, what in (
-        ("in_channels", in_channels, "modalities` and `context_slices"), ("out_channels", out_channels, "regions"),
-        ("features", list(features), "features"), ("skip", skip, "skip"),
+        ("in_channels", in_channels, "modalities` and `context_slices"),
+        ("out_channels", out_channels, "regions"),
+        ("features", list(features), "features"),
+        ("skip", skip, "skip"),
     ):
         if saved[key] != expected:
             raise ValueError(
@@ -381,8 +399,12 @@ class SafeCheckpointSaver(CheckpointSaver):
         if checkpoint is None or checkpoint.n_saved is None:
             return
         step = engine.state.epoch if self.epoch_level else engine.state.iteration
-        name = re.compile(re.escape(checkpoint.filename_prefix + ("_" if checkpoint.filename_prefix else ""))
-                          + r"checkpoint_" + ("epoch" if self.epoch_level else "iteration") + r"=(\d+)\.pt")
+        name = re.compile(
+            re.escape(checkpoint.filename_prefix + ("_" if checkpoint.filename_prefix else ""))
+            + r"checkpoint_"
+            + ("epoch" if self.epoch_level else "iteration")
+            + r"=(\d+)\.pt"
+        )
         known = {item.filename for item in checkpoint._saved}
         earlier = []
         for file in os.listdir(self.save_dir):
@@ -450,7 +472,7 @@ def trained_weights(path: str, network: torch.nn.Module | None = None) -> str:
         hint = ""
     raise ValueError(
         f"the weights in '{path}' do not fit network_def.{hint} Run with the settings it was trained with, "
-        "e.g. --features \"[16, 32, 64, 128]\" for a model trained with configs/demo.json, and the same "
+        'e.g. --features "[16, 32, 64, 128]" for a model trained with configs/demo.json, and the same '
         "`modalities` and `regions`."
     )
 
@@ -484,7 +506,9 @@ def latest_training_state(state_dir: str) -> str:
         bad = non_finite_entries(state)
         if bad:
             skipped.append(f"'{path}' (NaN or infinite values in {', '.join(bad)})")
-            logger.warning(f"not resuming from '{path}': {', '.join(bad)} hold NaN or infinite values; trying an older state.")
+            logger.warning(
+                f"not resuming from '{path}': {', '.join(bad)} hold NaN or infinite values; trying an older state."
+            )
             continue
         return path
     raise ValueError(

@@ -6,7 +6,8 @@ MODALITIES = ("t1", "t1c", "t2", "flair")
 #: Channel order of a 4D single-file case from the Medical Segmentation Decathlon (Task01_BrainTumour).
 MSD_MODALITIES = ("flair", "t1", "t1c", "t2")
 
-#: Region definitions (region name -> label values it contains), per dataset convention (BraTS, Menze et al. 2015; MSD, Antonelli et al. 2022).
+#: Region definitions (region name -> label values it contains), per dataset convention (BraTS, Menze et al. 2015;
+# MSD, Antonelli et al. 2022).
 #: "brats" covers BraTS 2013-2021: 1 necrosis / NCR, 2 edema, 3 non-enhancing (2013/2015 only), 4 enhancing.
 REGION_PRESETS = {
     "brats": {"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing_tumor": [4]},

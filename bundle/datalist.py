@@ -1,4 +1,5 @@
-"""Decathlon-style datalists for the three workflows: training, inference and evaluation (Xue et al. 2018, section 3: 9:1 per grade).
+"""Decathlon-style datalists for the three workflows: training, inference and evaluation (Xue et al. 2018, section 3:
+9:1 per grade).
 
 SegAN was trained and validated on BRATS 2015 (220 HGG + 54 LGG subjects) split 9:1 into training and
 validation *separately for HGG and LGG* and then recombined (SegAN paper, section 4.1). This module makes
@@ -20,15 +21,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cases import (
-    GRADES, IMAGE_2D_SUFFIXES, LAYOUTS_2D, LAYOUTS_SEARCHED, NIFTI_PATTERN, case_id, check_dataset_dir, find_cases,
-    find_image_pairs, images_in,
+    GRADES,
+    IMAGE_2D_SUFFIXES,
+    LAYOUTS_2D,
+    LAYOUTS_SEARCHED,
+    NIFTI_PATTERN,
+    case_id,
+    check_dataset_dir,
+    find_cases,
+    find_image_pairs,
+    images_in,
 )
 from .constants import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "split_cases", "build_datalist", "load_datalist", "inference_datalist", "evaluation_datalist", "record_split",
+    "split_cases",
+    "build_datalist",
+    "load_datalist",
+    "inference_datalist",
+    "evaluation_datalist",
+    "record_split",
     "SPLIT_RECORD",
 ]
 
@@ -310,15 +324,14 @@ def inference_datalist(dataset_dir, data_list_file_path="", key: str = "testing"
         items = [{"image": str(root.resolve() / item["image"]), "case": item["case"]} for item in pairs[key]]
         return _with_case_ids(items, f"'{key}' images under '{dataset_dir}'")
     if cases:
-        items = [
-            {"image": [str(root.resolve() / p) for p in item["image"]], "case": item["case"]} for item in cases
-        ]
+        items = [{"image": [str(root.resolve() / p) for p in item["image"]], "case": item["case"]} for item in cases]
         return _with_case_ids(items, f"cases found under '{dataset_dir}'")
     files = _single_files(root) or images_in(root)
     if not files:
         raise FileNotFoundError(
             f"no case found in '{dataset_dir}'. Searched: {LAYOUTS_SEARCHED} (recursively), {LAYOUTS_2D}, 4D "
-            "multi-modality *.nii.gz / *.nii files and 2D images (directly in the folder). Point --dataset_dir at one of those, or give a "
+            "multi-modality *.nii.gz / *.nii files and 2D images (directly in the folder). Point --dataset_dir "
+            "at one of those, or give a "
             "datalist with --data_list_file_path."
         )
     items = [{"image": str(f.resolve()), "case": case_id(f)} for f in files]

@@ -57,7 +57,10 @@ def _manifest_params(
     num_cases: int, shape, seed: int, difficulty: float = 0.0, background_noise: float = 0.0, frame=None
 ) -> dict:
     params = {
-        "generator_version": _GENERATOR_VERSION, "num_cases": int(num_cases), "shape": list(shape), "seed": int(seed),
+        "generator_version": _GENERATOR_VERSION,
+        "num_cases": int(num_cases),
+        "shape": list(shape),
+        "seed": int(seed),
         "difficulty": float(difficulty),
     }
     if background_noise:
@@ -119,7 +122,8 @@ def make_demo_dataset(
     """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
 
     ``frame`` (e.g. ``[240, 240, 155]``) centres each ``shape`` head in a larger volume of zeros, as a BraTS brain
-    sits in its 240x240x155 frame with air around it (default: the volume is the head's box). Cases are called ``Demo_000``, ``Demo_001``, ...; images are float32, labels uint8, with a 1 mm diagonal
+    sits in its 240x240x155 frame with air around it (default: the volume is the head's box). Cases are called
+    ``Demo_000``, ``Demo_001``, ...; images are float32, labels uint8, with a 1 mm diagonal
     affine. Files are written into a hidden sibling folder that is renamed to ``output_dir`` at the end, so an
     interrupted run never leaves a half-written dataset. An existing demo dataset at ``output_dir`` (or an
     empty folder) is replaced; any other existing folder is refused.
@@ -152,14 +156,16 @@ def make_demo_dataset(
             _save_nifti(_in_frame(label, frame), affine, tmp / case / f"{case}_seg.nii.gz")
             # the head (manifest statistics) is what is non-zero without the air's noise
             head = (make_demo_case(shape, seed, i, difficulty)[0] if background_noise else images)["t1"] > 0
-            cases.append({
-                "case": case,
-                "label_voxels": {str(v): int((label == v).sum()) for v in (1, 2, 4)},
-                "tumour_fraction_of_head": round(float((label > 0).sum() / max(head.sum(), 1)), 4),
-                "axial_slices_with_tumour": int((label > 0).any(axis=(0, 1)).sum()),
-                "axial_slices_with_head": int(head.any(axis=(0, 1)).sum()),
-                "intensity_max": {c: round(float(images[c].max()), 1) for c in CONTRASTS},
-            })
+            cases.append(
+                {
+                    "case": case,
+                    "label_voxels": {str(v): int((label == v).sum()) for v in (1, 2, 4)},
+                    "tumour_fraction_of_head": round(float((label > 0).sum() / max(head.sum(), 1)), 4),
+                    "axial_slices_with_tumour": int((label > 0).any(axis=(0, 1)).sum()),
+                    "axial_slices_with_head": int(head.any(axis=(0, 1)).sum()),
+                    "intensity_max": {c: round(float(images[c].max()), 1) for c in CONTRASTS},
+                }
+            )
         manifest = {
             **params,
             "difficulty_settings": difficulty_settings(difficulty),
@@ -213,7 +219,9 @@ def ensure_demo_data(
     """
     shape = check_shape(shape)
     frame = _check_frame(frame, shape)
-    if not _is_complete(Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)):
+    if not _is_complete(
+        Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)
+    ):
         make_demo_dataset(
             output_dir,
             num_cases=num_cases,

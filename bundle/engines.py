@@ -315,4 +315,6 @@ class LossShareLogger:
         names = names or [f"critic{i}" if len(shares) > 1 else "critic" for i in range(len(shares))]
         engine.state.loss_shares = {n: [round(float(v), 4) for v in row] for n, row in zip(names, shares)}
         lines = "; ".join(f"{n}: " + " ".join(f"{v:.3f}" for v in row) for n, row in engine.state.loss_shares.items())
-        self.logger.info(f"Epoch {engine.state.epoch}: share of the adversarial loss per critic layer (0 = masked input): {lines}")
+        self.logger.info(
+            f"Epoch {engine.state.epoch}: share of the adversarial loss per critic layer (0 = masked input): {lines}"
+        )

@@ -220,8 +220,12 @@ class TrainingCurves:
         filename: name of the PNG.
     """
 
-    def __init__(self, history_path: str, loss_keys: Sequence[str] = ("loss", "critic_loss"),
-                 filename: str = "training_curves.png") -> None:
+    def __init__(
+        self,
+        history_path: str,
+        loss_keys: Sequence[str] = ("loss", "critic_loss"),
+        filename: str = "training_curves.png",
+    ) -> None:
         self.history_path = str(history_path)
         self.loss_keys = [str(k) for k in ensure_tuple(loss_keys)]
         self.output_path = os.path.join(os.path.dirname(self.history_path), filename)
@@ -236,7 +240,9 @@ class TrainingCurves:
         output = engine.state.output
         items = output if isinstance(output, list) else [output]
         for key in self.loss_keys:
-            values = [float(torch.as_tensor(i[key]).float().mean()) for i in items if isinstance(i, Mapping) and key in i]
+            values = [
+                float(torch.as_tensor(i[key]).float().mean()) for i in items if isinstance(i, Mapping) and key in i
+            ]
             if values:
                 self.epochs[key].setdefault(int(engine.state.epoch), []).extend(values)
 

@@ -62,7 +62,9 @@ def head_mask(image: np.ndarray) -> np.ndarray:
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     pieces, _ = ndimage.label(~mask, structure=in_plane)
-    border = np.unique(np.concatenate([pieces[0].ravel(), pieces[-1].ravel(), pieces[:, 0].ravel(), pieces[:, -1].ravel()]))
+    border = np.unique(
+        np.concatenate([pieces[0].ravel(), pieces[-1].ravel(), pieces[:, 0].ravel(), pieces[:, -1].ravel()])
+    )
     mask |= ~np.isin(pieces, border)
     return mask if mask.any() else np.any(image != 0, axis=0)
 

@@ -1,4 +1,5 @@
-"""Synthetic dermoscopy images, so the 2D RGB skin-lesion setting (ISIC 2017, Codella et al. 2018; the SegAN ISIC re-implementation report) runs offline on a CPU.
+"""Synthetic dermoscopy images, so the 2D RGB skin-lesion setting (ISIC 2017, Codella et al. 2018; the SegAN ISIC
+re-implementation report) runs offline on a CPU.
 
 Each image is skin-coloured with a smooth blotchy texture and fine grain; an irregular pigmented lesion (a
 star-shaped blob whose radius varies with a few random harmonics, darker and more saturated towards its
@@ -45,7 +46,9 @@ def make_lesion_image(height: int, width: int, seed: int = 0, index: int = 0) ->
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
 
     skin = np.array([222.0, 178.0, 152.0]) + rng.normal(0, 12, 3)
-    texture = 10 * _smooth(rng, (height, width), sigma=min(height, width) / 10) + 3 * rng.standard_normal((height, width))
+    texture = 10 * _smooth(rng, (height, width), sigma=min(height, width) / 10) + 3 * rng.standard_normal(
+        (height, width)
+    )
     image = skin[None, None] * (1 + 0.04 * _smooth(rng, (height, width, 1), sigma=4)) + texture[..., None]
 
     # the lesion: r(theta) = r0 * (1 + sum a_k cos(k theta + phi_k)), k = 2..6
@@ -131,7 +134,9 @@ def make_lesion_dataset(output_dir, num_images=(60, 12, 12), seed: int = 0, prog
                 Image.fromarray(mask).save(truth / f"{_image_id(split, i)}_segmentation.png")
                 bar.update()
         bar.close()
-        (tmp / LESION_DEMO_MANIFEST).write_text(json.dumps({**params, "layout": "ISIC 2017"}, indent=2), encoding="utf-8")
+        (tmp / LESION_DEMO_MANIFEST).write_text(
+            json.dumps({**params, "layout": "ISIC 2017"}, indent=2), encoding="utf-8"
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

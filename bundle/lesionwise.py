@@ -46,7 +46,7 @@ LESION_QUANTITIES = ("dice", "hd95", "dice_matched", "hd95_matched", "tp", "fp",
 
 _INSTALL_HINT = (
     "lesion-wise metrics are computed by the optional package 'panoptica': install it with "
-    "`pip install \"segan-bundle[lesionwise]\"` (or `pip install panoptica`), or run the evaluation without "
+    '`pip install "segan-bundle[lesionwise]"` (or `pip install panoptica`), or run the evaluation without '
     "them (--lesion_wise false)."
 )
 
@@ -55,7 +55,8 @@ def lesion_evaluator() -> Any:
     """A ``panoptica.Panoptica_Evaluator`` configured as the official BraTS evaluation package's glioma config.
 
     Binary (semantic) input, instances from connected components (``panoptica``'s defaults: the
-    26-neighbourhood in 3D, the 4-neighbourhood in 2D), one-to-one maximum bipartite matching on Dice > 1e-6, Dice and HD95 per instance.
+    26-neighbourhood in 3D, the 4-neighbourhood in 2D), one-to-one maximum bipartite matching on Dice > 1e-6, Dice and
+    HD95 per instance.
 
     Raises:
         ImportError: ``panoptica`` is not installed; the message says how to install it.
@@ -73,8 +74,12 @@ def lesion_evaluator() -> Any:
         raise ImportError(_INSTALL_HINT) from error
     # the package's values when nothing matched (lesion_wise_scores scores those cases itself)
     zero_tp = {
-        Metric.DSC: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN, default_result=EdgeCaseResult.ZERO),
-        Metric.HD95: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN, default_result=EdgeCaseResult.INF),
+        Metric.DSC: MetricZeroTPEdgeCaseHandling(
+            no_instances_result=EdgeCaseResult.NAN, default_result=EdgeCaseResult.ZERO
+        ),
+        Metric.HD95: MetricZeroTPEdgeCaseHandling(
+            no_instances_result=EdgeCaseResult.NAN, default_result=EdgeCaseResult.INF
+        ),
     }
     return Panoptica_Evaluator(
         edge_case_handler=EdgeCaseHandler(listmetric_zeroTP_handling=zero_tp),

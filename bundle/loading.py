@@ -154,8 +154,10 @@ class LoadCaseImaged(LoadImaged):
             if not bool(((flat == 0) | (flat == value)).all()):
                 continue
             head = flat[flat != 0]
-            what = "empty (every voxel is 0)" if not head.numel() else (
-                f"constant over the head (its {head.numel()} nonzero voxel(s) all {float(head[0]):g})"
+            what = (
+                "empty (every voxel is 0)"
+                if not head.numel()
+                else (f"constant over the head (its {head.numel()} nonzero voxel(s) all {float(head[0]):g})")
             )
             where = _quoted(files)
             if len(files) == len(channels) > 1:

@@ -127,7 +127,9 @@ class MultiScaleL1Loss(nn.Module):
         and one carried by the deepest layer alone is the single-scale S3-3C-s3.
         """
         if len(pred_feats) != len(true_feats) or not pred_feats:
-            raise ValueError(f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}.")
+            raise ValueError(
+                f"expected one feature list per critic on both sides, got {len(pred_feats)} and {len(true_feats)}."
+            )
         errors = torch.stack([self.layer_errors(f, g) for f, g in zip(pred_feats, true_feats)])
         return self.layer_weights(pred_feats[0], errors) * errors / errors.shape[0]
 

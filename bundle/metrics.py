@@ -1,7 +1,8 @@
 """Segmentation metrics that MONAI lacks: the number of connected components of a region map, and the 95%
 Hausdorff distance as the BraTS challenge computes it.
 
-The SegAN paper (Xue et al. 2018) reports Dice, precision and sensitivity per region; the ISIC 2017 SegAN re-implementation report adds IoU. All of
+The SegAN paper (Xue et al. 2018) reports Dice, precision and sensitivity per region; the ISIC 2017 SegAN
+re-implementation report adds IoU. All of
 those are MONAI metrics (``DiceMetric``, ``ConfusionMatrixMetric``, ``MeanIoU``) wired in the configs.
 Moeskops et al. 2017 also count the 3D connected components of a segmentation as a measure of
 its smoothness: adversarial training should give fewer spurious islands than a voxel-wise loss alone.
@@ -29,8 +30,19 @@ from monai.utils import MetricReduction, convert_to_numpy
 from scipy import ndimage
 
 __all__ = [
-    "RegionMetric", "count_components", "ComponentCountMetric", "ComponentCount", "brats_hd95", "BraTSHD95Metric", "BraTSHD95",
-    "region_dice_metrics", "select_region", "voxel_spacing", "BRATS_EMPTY_HD95", "OutsideHeadMetric", "OutsideHead",
+    "RegionMetric",
+    "count_components",
+    "ComponentCountMetric",
+    "ComponentCount",
+    "brats_hd95",
+    "BraTSHD95Metric",
+    "BraTSHD95",
+    "region_dice_metrics",
+    "select_region",
+    "voxel_spacing",
+    "BRATS_EMPTY_HD95",
+    "OutsideHeadMetric",
+    "OutsideHead",
     "outside_head_output",
 ]
 
@@ -266,7 +278,9 @@ def brats_hd95(pred, label, spacing=None, empty_score: float = BRATS_EMPTY_HD95)
     sampling = np.ones(pred_np.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
     box = _joint_box(pred_np | label_np)  # every surface voxel lies in it: the distance transforms need no more
     pred_np, label_np = pred_np[box], label_np[box]
-    distances = np.hstack((_surface_distances(pred_np, label_np, sampling), _surface_distances(label_np, pred_np, sampling)))
+    distances = np.hstack(
+        (_surface_distances(pred_np, label_np, sampling), _surface_distances(label_np, pred_np, sampling))
+    )
     return float(np.percentile(distances, 95))
 
 
@@ -286,8 +300,12 @@ class BraTSHD95Metric(RegionMetric):
     the voxel size comes from ``y_pred``'s (or ``y``'s) affine when they are ``MetaTensor`` s, else 1 mm.
     """
 
-    def __init__(self, empty_score: float = BRATS_EMPTY_HD95, reduction: MetricReduction | str = MetricReduction.MEAN,
-                 get_not_nans: bool = False) -> None:
+    def __init__(
+        self,
+        empty_score: float = BRATS_EMPTY_HD95,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
         super().__init__(reduction=reduction, get_not_nans=get_not_nans)
         self.empty_score = float(empty_score)
 
@@ -298,8 +316,13 @@ class BraTSHD95Metric(RegionMetric):
 class BraTSHD95(IgniteMetricHandler):
     """Ignite handler for :class:`BraTSHD95Metric`, used like MONAI's ``HausdorffDistance`` handler."""
 
-    def __init__(self, empty_score: float = BRATS_EMPTY_HD95, reduction: MetricReduction | str = MetricReduction.MEAN,
-                 output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
+    def __init__(
+        self,
+        empty_score: float = BRATS_EMPTY_HD95,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
         metric_fn = BraTSHD95Metric(empty_score=empty_score, reduction=reduction)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 

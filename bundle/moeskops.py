@@ -40,7 +40,14 @@ DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 def _conv(in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1, padding: int | None = None):
     """Conv -> BN -> ReLU; ``padding=None`` keeps the spatial size ("same"), 0 makes it a valid convolution."""
     return Convolution(
-        2, in_channels, out_channels, kernel_size=kernel_size, dilation=dilation, padding=padding, act="relu", norm="batch"
+        2,
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        padding=padding,
+        act="relu",
+        norm="batch",
     )
 
 
@@ -215,7 +222,8 @@ class MoeskopsTrainer(AlternatingTrainer):
     paper, section 3.1: RMSProp, 1e-3 for the segmentation loss and 1e-5 for the discriminator loss). La is a
     discriminator-loss update of the whole network (section 2.3), so the segmentation network ascends it with
     ``adversarial_optimizer``, its own optimiser at the discriminator-loss rate; without one it ascends La
-    with ``optimizer`` (at the segmentation-loss rate, 100 times the paper's reading). The discriminator sees ``patches_per_image`` random patches of each
+    with ``optimizer`` (at the segmentation-loss rate, 100 times the paper's reading). The discriminator sees
+    ``patches_per_image`` random patches of each
     image and segmentation (``discriminator.patch_size`` pixels, the image patch ``image_margin`` wider on
     each side), so the segmentation network can train on whole slices.
 
@@ -307,7 +315,11 @@ class MoeskopsTrainer(AlternatingTrainer):
         with engine._autocast():
             logits = engine.network(seg_image)
             loss = engine.loss_function(logits.float(), seg_label.float())
-        engine.state.output = {Keys.IMAGE: seg_image, Keys.LABEL: seg_label, Keys.PRED: torch.softmax(logits.detach().float(), 1)}
+        engine.state.output = {
+            Keys.IMAGE: seg_image,
+            Keys.LABEL: seg_label,
+            Keys.PRED: torch.softmax(logits.detach().float(), 1),
+        }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -15,7 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "SegANSegmentor", "SegANCritic", "SegANCritics", "RegionSegmentors", "mask_image", "critic_view", "CLIP_PARAMS",
+    "SegANSegmentor",
+    "SegANCritic",
+    "SegANCritics",
+    "RegionSegmentors",
+    "mask_image",
+    "critic_view",
+    "CLIP_PARAMS",
     "CRITIC_INPUTS",
 ]
 
@@ -28,9 +34,7 @@ CRITIC_INPUTS = ("masked", "masked_map", "shifted")
 _LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
-def _down_block(
-    spatial_dims: int, in_channels: int, out_channels: int, norm: bool, affine: bool = True
-) -> Convolution:
+def _down_block(spatial_dims: int, in_channels: int, out_channels: int, norm: bool, affine: bool = True) -> Convolution:
     """Conv 4x4 stride 2 (pad 1) -> [BN] -> LeakyReLU: one encoder level, halving each spatial size.
 
     ``affine=False`` gives a BatchNorm without learnable scale and shift (the critic's ``clip_params="weights"``).

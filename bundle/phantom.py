@@ -1,6 +1,7 @@
 """Synthetic BraTS-like cases as arrays: a head with one or two gliomas, four MR contrasts and a BraTS label map.
 
-The cases imitate what SegAN sees in BRATS (Xue et al. 2018, section 3; Menze et al. 2015): four co-registered MR contrasts of a head and
+The cases imitate what SegAN sees in BRATS (Xue et al. 2018, section 3; Menze et al. 2015): four co-registered MR
+contrasts of a head and
 a label map with the BraTS 2018-2021 values 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour.
 :mod:`bundle.demo` writes them to disk as a dataset.
 
@@ -28,7 +29,12 @@ import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter
 
 __all__ = [
-    "CONTRASTS", "DIFFICULTY_RANGE", "difficulty_settings", "check_shape", "make_demo_case", "border_label_noise"
+    "CONTRASTS",
+    "DIFFICULTY_RANGE",
+    "difficulty_settings",
+    "check_shape",
+    "make_demo_case",
+    "border_label_noise",
 ]
 
 _MIN_SIZE = 24
@@ -152,9 +158,10 @@ def _tumour(rng, shape, brain, head_center, head_radii, size: float = 1.0):
         hard["core"] = (d_core < 1) & hard["edema"]
         hard["necrosis"] = (d_core < necrosis_level) & hard["core"]
         rim = hard["core"] & ~hard["necrosis"]
-        nested = not (binary_dilation(hard["core"]) & ~hard["edema"]).any() and not (
-            binary_dilation(hard["necrosis"]) & ~hard["core"]
-        ).any()
+        nested = (
+            not (binary_dilation(hard["core"]) & ~hard["edema"]).any()
+            and not (binary_dilation(hard["necrosis"]) & ~hard["core"]).any()
+        )
         if nested and hard["necrosis"].sum() >= 4 and rim.sum() >= 8 and (hard["edema"] & ~hard["core"]).sum() >= 8:
             soft["core"] = np.minimum(soft["core"], soft["edema"])
             soft["necrosis"] = np.minimum(soft["necrosis"], soft["core"])
@@ -198,7 +205,8 @@ def make_demo_case(
         ventricles = np.maximum(ventricles, _ramp(_ellipsoid_distance(grid, center, radii), 0.3))
 
     tumours = [
-        _tumour(rng, shape, brain, head_center, head_radii, settings["lesion_size"]) for _ in range(int(rng.integers(1, 3)))
+        _tumour(rng, shape, brain, head_center, head_radii, settings["lesion_size"])
+        for _ in range(int(rng.integers(1, 3)))
     ]
     soft = {k: np.zeros(shape, np.float32) for k in ("edema", "core", "necrosis")}
     label = np.zeros(shape, np.uint8)
@@ -211,12 +219,16 @@ def make_demo_case(
     label[hard["core"]] = 4
     label[hard["necrosis"]] = 1
     if settings["border_label_noise"] > 0:
-        label = border_label_noise(label, settings["border_label_noise"], np.random.default_rng([int(seed), int(index), 1]))
+        label = border_label_noise(
+            label, settings["border_label_noise"], np.random.default_rng([int(seed), int(index), 1])
+        )
     tumour_texture = _smooth_noise(rng, shape, sigma=1.5)
 
     images = {}
-    coords = [np.linspace(-1.0, 1.0, s, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
-              for a, s in enumerate(shape)]
+    coords = [
+        np.linspace(-1.0, 1.0, s, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
+        for a, s in enumerate(shape)
+    ]
     for c, contrast in enumerate(CONTRASTS):
         t = {k: v[c] for k, v in _TISSUE.items()}
         if settings["lesion_contrast"] != 1.0:  # tumour tissues pulled towards the normal brain's mean

@@ -2,7 +2,8 @@
 
 - :class:`SegmentationReport` turns the per-case details of MONAI's metric handlers (``save_details=True``)
   into one CSV row per case and a JSON summary of mean and standard deviation per metric and region: the
-  numbers of the SegAN paper's Table 1 (Dice, precision, sensitivity per region), plus IoU (the ISIC 2017 SegAN re-implementation report),
+  numbers of the SegAN paper's Table 1 (Dice, precision, sensitivity per region), plus IoU (the ISIC 2017 SegAN
+  re-implementation report),
   HD95 and the connected-component count of Moeskops et al. 2017 (:mod:`bundle.metrics`). It
   belongs to the ``handlers`` of a ``monai.engines.SupervisedEvaluator`` that runs over whole 3D cases (the
   2D SegAN segmentor applied slice by slice and restacked, Xue et al. 2018, section 3).

@@ -110,7 +110,9 @@ class SaveCaseImaged(SaveImaged):
         """``<output_dir>/<case>_<output_postfix><output_ext>`` for this item."""
         case = self.case_name(data, key)
         if os.path.isabs(case) or ".." in case.replace("\\", "/").split("/"):
-            raise ValueError(f"case id '{case}' would be saved outside output_dir '{self.output_dir}'; rename the case.")
+            raise ValueError(
+                f"case id '{case}' would be saved outside output_dir '{self.output_dir}'; rename the case."
+            )
         postfix = f"_{self.output_postfix}" if self.output_postfix else ""
         return os.path.join(self.output_dir, f"{case}{postfix}{self.output_ext}")
 

@@ -21,8 +21,12 @@ from .cases import loaded_from
 from .constants import MODALITIES, MSD_MODALITIES
 
 __all__ = [
-    "SelectModalitiesd", "LabelToRegionsd", "RegionsToLabeld", "CropForegroundToGridd",
-    "ContextSlicesd", "source_name",
+    "SelectModalitiesd",
+    "LabelToRegionsd",
+    "RegionsToLabeld",
+    "CropForegroundToGridd",
+    "ContextSlicesd",
+    "source_name",
 ]
 
 
@@ -61,7 +65,10 @@ class SelectModalitiesd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.selected = [str(m).lower() for m in selected]
         stacked = [str(m).lower() for m in available]
-        self.available = {"stacked": stacked, "4d": stacked if available_4d is None else [str(m).lower() for m in available_4d]}
+        self.available = {
+            "stacked": stacked,
+            "4d": stacked if available_4d is None else [str(m).lower() for m in available_4d],
+        }
         self._index("stacked")  # the usual layout is checked up front; the 4D order when a 4D case comes
 
     @staticmethod
@@ -192,9 +199,11 @@ class RegionsToLabeld(MapTransform):
             out = torch.zeros((1, *maps.shape[1:]), dtype=self.dtype, device=maps.device)
             for r, value in enumerate(self.labels):
                 out[0][torch.as_tensor(maps[r]) > 0] = value
-            d[key] = MetaTensor(out, meta=maps.meta, applied_operations=maps.applied_operations) if isinstance(
-                maps, MetaTensor
-            ) else out
+            d[key] = (
+                MetaTensor(out, meta=maps.meta, applied_operations=maps.applied_operations)
+                if isinstance(maps, MetaTensor)
+                else out
+            )
         return d
 
 

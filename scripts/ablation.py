@@ -49,12 +49,28 @@ from bundle.files import atomic_path  # noqa: E402
 #: Metrics taken from ``configs/evaluate.json``'s ``metrics_summary.json`` (case means per region).
 METRICS = ("dice", "precision", "sensitivity", "hd95", "components_pred", "components_label", "outside_head")
 #: Row pairs whose paired difference over seeds the report gives (when both rows ran on the same seeds).
-PAIRS = (("S3-3C", "U-net"), ("S3-3C", "U-net + Dice"), ("S3-3C", "S1-1C"), ("S3-3C", "S3-1C"), ("S3-3C", "S3-3C-s0"),
-         ("S3-3C", "S3-3C-s3"), ("S3-3C", "S3-3C + Dice"), ("S3-3C", "S3-3C literal"),
-         ("S3-3C", "S3-3C map"), ("S3-3C map", "S3-3C literal"), ("S3-3C", "S3-3C mean"), ("S3-3C", "S3-3C sum"),
-         ("S3-3C", "S3-3C official"), ("S3-3C + Dice", "U-net + Dice"), ("U-net + Dice", "U-net"),
-         ("S3-3C + 2.5D", "S3-3C"), ("S3-3C 3D", "S3-3C"), ("S3-3C shifted", "S3-3C literal"),
-         ("S3-3C shifted", "S3-3C map"), ("S3-3C balanced", "S3-3C mean"))
+PAIRS = (
+    ("S3-3C", "U-net"),
+    ("S3-3C", "U-net + Dice"),
+    ("S3-3C", "S1-1C"),
+    ("S3-3C", "S3-1C"),
+    ("S3-3C", "S3-3C-s0"),
+    ("S3-3C", "S3-3C-s3"),
+    ("S3-3C", "S3-3C + Dice"),
+    ("S3-3C", "S3-3C literal"),
+    ("S3-3C", "S3-3C map"),
+    ("S3-3C map", "S3-3C literal"),
+    ("S3-3C", "S3-3C mean"),
+    ("S3-3C", "S3-3C sum"),
+    ("S3-3C", "S3-3C official"),
+    ("S3-3C + Dice", "U-net + Dice"),
+    ("U-net + Dice", "U-net"),
+    ("S3-3C + 2.5D", "S3-3C"),
+    ("S3-3C 3D", "S3-3C"),
+    ("S3-3C shifted", "S3-3C literal"),
+    ("S3-3C shifted", "S3-3C map"),
+    ("S3-3C balanced", "S3-3C mean"),
+)
 #: A validation Dice a region must reach before drops of it count as instability (issue: > 0.2 after 0.8).
 STABLE_FROM = 0.8
 RESULT = "result.json"
@@ -116,25 +132,66 @@ register(Row("S3-1C", (_variant("s3_1c"),), description="3 maps, one joint criti
 register(Row("S3-3C-s0", (_variant("s3_3c_s0"),), description="loss on the masked input only (layer 0)"))
 register(Row("S3-3C-s3", (_variant("s3_3c_s3"),), description="loss on the last critic layer only"))
 register(Row("S3-3C + Dice", (_variant("s3_3c"),), {"dice_weight": 1.0}, "adversarial + soft Dice term"))
-register(Row(
-    "S3-3C + 2.5D", (_variant("s3_3c"), _variant("context_2_5d")),
-    description="S3-3C fed slices z-1, z, z+1 of every modality (beyond the paper)",
-))
-register(Row("U-net", (_variant("unet"),), description="same segmentor, per-region cross-entropy only", eval_overlays=()))
-register(Row("U-net + Dice", (_variant("unet"),), {"dice_weight": 1.0},
-             "same segmentor, cross-entropy + soft Dice (nnU-Net's loss)", eval_overlays=()))
-register(Row("S3-3C literal", (_variant("s3_3c"),), {"critic_input": "masked"},
-             "S3-3C with the paper's literal critic input x o S(x) (no gradient where the image is 0)"))
-register(Row("S3-3C map", (_variant("s3_3c"),), {"critic_input": "masked_map"},
-             "S3-3C, critics see x o S(x) and the map S(x) as one more channel"))
-register(Row("S3-3C shifted", (_variant("s3_3c"),), {"critic_input": "shifted"},
-             "S3-3C, critics see (x - min x + 1) o S(x): no zero-valued voxel"))
-register(Row("S3-3C 3D", (_variant("s3_3c"), _variant("segan3d"), _variant("segan3d_demo")),
-             description="S3-3C with 3D networks on 32^3 patches, sliding-window inference (beyond the paper)",
-             eval_overlays=("configs/segan3d_inference.json", _variant("segan3d_demo"))))
+register(
+    Row(
+        "S3-3C + 2.5D",
+        (_variant("s3_3c"), _variant("context_2_5d")),
+        description="S3-3C fed slices z-1, z, z+1 of every modality (beyond the paper)",
+    )
+)
+register(
+    Row("U-net", (_variant("unet"),), description="same segmentor, per-region cross-entropy only", eval_overlays=())
+)
+register(
+    Row(
+        "U-net + Dice",
+        (_variant("unet"),),
+        {"dice_weight": 1.0},
+        "same segmentor, cross-entropy + soft Dice (nnU-Net's loss)",
+        eval_overlays=(),
+    )
+)
+register(
+    Row(
+        "S3-3C literal",
+        (_variant("s3_3c"),),
+        {"critic_input": "masked"},
+        "S3-3C with the paper's literal critic input x o S(x) (no gradient where the image is 0)",
+    )
+)
+register(
+    Row(
+        "S3-3C map",
+        (_variant("s3_3c"),),
+        {"critic_input": "masked_map"},
+        "S3-3C, critics see x o S(x) and the map S(x) as one more channel",
+    )
+)
+register(
+    Row(
+        "S3-3C shifted",
+        (_variant("s3_3c"),),
+        {"critic_input": "shifted"},
+        "S3-3C, critics see (x - min x + 1) o S(x): no zero-valued voxel",
+    )
+)
+register(
+    Row(
+        "S3-3C 3D",
+        (_variant("s3_3c"), _variant("segan3d"), _variant("segan3d_demo")),
+        description="S3-3C with 3D networks on 32^3 patches, sliding-window inference (beyond the paper)",
+        eval_overlays=("configs/segan3d_inference.json", _variant("segan3d_demo")),
+    )
+)
 for _weighting in ("mean", "sum", "official", "balanced"):
-    register(Row(f"S3-3C {_weighting}", (_variant("s3_3c"),), {"loss_weighting": _weighting},
-                 f"S3-3C with loss_weighting {_weighting}"))
+    register(
+        Row(
+            f"S3-3C {_weighting}",
+            (_variant("s3_3c"),),
+            {"loss_weighting": _weighting},
+            f"S3-3C with loss_weighting {_weighting}",
+        )
+    )
 
 
 def _parser(configs: Sequence[str], overrides: Mapping[str, Any]):
@@ -151,7 +208,9 @@ def prepare_demo(work_dir: Path, configs: Sequence[str], overrides: Mapping[str,
     ``work_dir``; the last ``demo_test_cases`` cases are held out for testing, the others split 9:1 (seed 0)
     into training and validation (model selection)."""
     parser = _parser(configs, overrides)
-    num_cases, num_test = int(parser.get_parsed_content("demo_num_cases")), int(parser.get_parsed_content("demo_test_cases"))
+    num_cases, num_test = int(parser.get_parsed_content("demo_num_cases")), int(
+        parser.get_parsed_content("demo_test_cases")
+    )
     if num_cases < num_test + 2:
         raise ValueError(
             f"demo_num_cases {num_cases} leaves fewer than 2 cases for training and validation after "
@@ -183,12 +242,37 @@ SUITES["demo"] = Suite(
     prepare=prepare_demo,
     # Table 1's variants and the U-net, then the baselines and settings the defaults were chosen against (the
     # default S3-3C is the shifted critic input with balanced layer weighting: no "S3-3C shifted"/"balanced" row)
-    rows=("S1-1C", "S3-1C", "S3-3C", "S3-3C-s0", "S3-3C-s3", "S3-3C + Dice", "S3-3C + 2.5D", "U-net", "U-net + Dice",
-          "S3-3C literal", "S3-3C map", "S3-3C mean", "S3-3C sum", "S3-3C official", "S3-3C 3D"),
+    rows=(
+        "S1-1C",
+        "S3-1C",
+        "S3-3C",
+        "S3-3C-s0",
+        "S3-3C-s3",
+        "S3-3C + Dice",
+        "S3-3C + 2.5D",
+        "U-net",
+        "U-net + Dice",
+        "S3-3C literal",
+        "S3-3C map",
+        "S3-3C mean",
+        "S3-3C sum",
+        "S3-3C official",
+        "S3-3C 3D",
+    ),
     description="the synthetic BraTS-like demo (bundle.demo) made harder with demo_difficulty",
     budget_keys=(
-        "demo_difficulty", "demo_shape", "features", "critic_features", "patch_size", "slices_per_volume",
-        "volumes_per_batch", "max_epochs", "val_interval", "optimizer_name", "learning_rate", "lr_step_epochs",
+        "demo_difficulty",
+        "demo_shape",
+        "features",
+        "critic_features",
+        "patch_size",
+        "slices_per_volume",
+        "volumes_per_batch",
+        "max_epochs",
+        "val_interval",
+        "optimizer_name",
+        "learning_rate",
+        "lr_step_epochs",
         "lr_gamma",
     ),
 )
@@ -200,10 +284,22 @@ SUITES["brats_sized"] = Suite(
     eval_configs=("configs/inference.json", "configs/demo.json", _variant("brats_sized")),
     prepare=prepare_demo,
     rows=("S3-3C literal", "S3-3C map", "S3-3C shifted"),
-    description=("phantom heads (160x196x155) centred in the BraTS frame (240x240x155) of air, with the paper's "
-                 "180x180x128 crop and 160x160 patches, demo widths"),
-    budget_keys=("demo_shape", "demo_frame", "crop_size", "patch_size", "features", "critic_features", "max_epochs", "val_interval",
-                 "head_guard", "dice_weight"),
+    description=(
+        "phantom heads (160x196x155) centred in the BraTS frame (240x240x155) of air, with the paper's "
+        "180x180x128 crop and 160x160 patches, demo widths"
+    ),
+    budget_keys=(
+        "demo_shape",
+        "demo_frame",
+        "crop_size",
+        "patch_size",
+        "features",
+        "critic_features",
+        "max_epochs",
+        "val_interval",
+        "head_guard",
+        "dice_weight",
+    ),
 )
 
 
@@ -218,11 +314,24 @@ for _name, _network, _widths in (
     ("Dilated", "dilated", {"network_def#features": 16}),
 ):
     _overlays = (_MOESKOPS.format("multiclass"), _MOESKOPS.format(_network))
-    register(Row(_name, (_variant("unet"), *_overlays), _widths, f"{_name.lower()} network, cross-entropy only",
-                 eval_overlays=_overlays))
-    register(Row(f"{_name} + adversarial", (*_overlays, _MOESKOPS.format("adversarial")),
-                 {**_widths, "discriminator_features": 16, "discriminator_hidden": 64},
-                 f"{_name.lower()} network, cross-entropy and the discriminator (Ls, Ld, La)", eval_overlays=_overlays))
+    register(
+        Row(
+            _name,
+            (_variant("unet"), *_overlays),
+            _widths,
+            f"{_name.lower()} network, cross-entropy only",
+            eval_overlays=_overlays,
+        )
+    )
+    register(
+        Row(
+            f"{_name} + adversarial",
+            (*_overlays, _MOESKOPS.format("adversarial")),
+            {**_widths, "discriminator_features": 16, "discriminator_hidden": 64},
+            f"{_name.lower()} network, cross-entropy and the discriminator (Ls, Ld, La)",
+            eval_overlays=_overlays,
+        )
+    )
 
 SUITES["moeskops"] = Suite(
     name="moeskops",
@@ -243,7 +352,13 @@ def prepare_lesion_demo(work_dir: Path, configs: Sequence[str], overrides: Mappi
     return {"dataset_dir": ensure_lesion_demo(work_dir / "data", num_images=images, progress=True)}
 
 
-register(Row("SegAN", (), description="the ISIC re-implementation report's recipe: one lesion map, one critic, multi-scale L1 loss"))
+register(
+    Row(
+        "SegAN",
+        (),
+        description="the ISIC re-implementation report's recipe: one lesion map, one critic, multi-scale L1 loss",
+    )
+)
 register(Row("SegAN + Dice", (), {"dice_weight": 1.0}, "adversarial + soft Dice term"))
 
 SUITES["isic"] = Suite(
@@ -299,7 +414,11 @@ def _run_one(suite: Suite, row: Row, seed: int, run_dir: Path, data_overrides: d
     eval_configs = [*suite.eval_configs, *eval_overlays, "configs/evaluate.json"]
     settings = {**data_overrides, **row.overrides, **overrides, "seed": seed}
     record = {
-        "suite": suite.name, "row": row.name, "seed": seed, "configs": configs, "eval_configs": eval_configs,
+        "suite": suite.name,
+        "row": row.name,
+        "seed": seed,
+        "configs": configs,
+        "eval_configs": eval_configs,
         "overrides": settings,
     }
     done = run_dir / RESULT
@@ -344,7 +463,7 @@ def _run_one(suite: Suite, row: Row, seed: int, run_dir: Path, data_overrides: d
 def largest_drops(history: Sequence[Mapping[str, Any]], prefix: str = "val_dice_") -> dict[str, float]:
     """Per region, the largest fall of validation Dice between consecutive validations after the region first
     reached ``STABLE_FROM`` (0 when it never fell, NaN when it never reached it): the game's stability."""
-    regions = sorted({k[len(prefix):] for h in history for k in h if k.startswith(prefix)})
+    regions = sorted({k[len(prefix) :] for h in history for k in h if k.startswith(prefix)})
     drops = {}
     for region in regions:
         values = [h.get(prefix + region) for h in history]
@@ -376,9 +495,14 @@ def last_loss_shares(log: str) -> dict[str, list[float]]:
 def paired_difference(results: Sequence[dict], first: str, second: str) -> Optional[dict]:
     """Mean over seeds of ``first``'s mean test Dice minus ``second``'s, run on the same seeds, with its 95 %
     t-interval (None when fewer than 2 seeds are shared)."""
+
     def by_seed(name):
-        return {r["seed"]: statistics.fmean(v for v in r["metrics"]["dice"].values() if v is not None)
-                for r in results if r["row"] == name}
+        return {
+            r["seed"]: statistics.fmean(v for v in r["metrics"]["dice"].values() if v is not None)
+            for r in results
+            if r["row"] == name
+        }
+
     a, b = by_seed(first), by_seed(second)
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
@@ -386,7 +510,14 @@ def paired_difference(results: Sequence[dict], first: str, second: str) -> Optio
     diffs = [a[s] - b[s] for s in seeds]
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
     half = _T95.get(len(seeds) - 1, 1.96) * std / math.sqrt(len(seeds))
-    return {"first": first, "second": second, "seeds": len(seeds), "mean": mean, "low": mean - half, "high": mean + half}
+    return {
+        "first": first,
+        "second": second,
+        "seeds": len(seeds),
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+    }
 
 
 #: Two-sided 95 % quantiles of Student's t by degrees of freedom.
@@ -433,12 +564,19 @@ def summarise(results: Sequence[dict], row_order: Sequence[str]) -> list[dict]:
                 [d for r in runs if (d := r.get("largest_drop", {}).get(region)) is not None and math.isfinite(d)],
                 default=None,
             )
-        shares = [{c: [v / (sum(row) or 1.0) for v in row] for c, row in r["loss_shares"].items()}
-                  for r in runs if r.get("loss_shares")]  # each critic's row sums to 1
-        summary["loss_shares"] = {
-            critic: [round(statistics.fmean(s[critic][i] for s in shares), 3) for i in range(len(values))]
-            for critic, values in shares[0].items()
-        } if shares else {}
+        shares = [
+            {c: [v / (sum(row) or 1.0) for v in row] for c, row in r["loss_shares"].items()}
+            for r in runs
+            if r.get("loss_shares")
+        ]  # each critic's row sums to 1
+        summary["loss_shares"] = (
+            {
+                critic: [round(statistics.fmean(s[critic][i] for s in shares), 3) for i in range(len(values))]
+                for critic, values in shares[0].items()
+            }
+            if shares
+            else {}
+        )
         summaries.append(summary)
     return summaries
 
@@ -463,21 +601,33 @@ def write_report(out: Path, suite: Suite, results: Sequence[dict], row_order: Se
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = ["mean_dice"] + [f"{m}_{r}" for m in METRICS for r in regions] + ["train_seconds"]
-    writer.writerow(["row", "seeds"] + [f"{c}_{s}" for c in columns for s in ("mean", "std")] +
-                    ["parameters", "critic_parameters", "description"])
+    writer.writerow(
+        ["row", "seeds"]
+        + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
+        + ["parameters", "critic_parameters", "description"]
+    )
     for s in summaries:
         values = [v for c in columns for v in s[c]]
-        writer.writerow([s["row"], s["seeds"]] + ["" if v is None else f"{v:.6g}" for v in values] +
-                        [s["parameters"], s["critic_parameters"], s["description"]])
+        writer.writerow(
+            [s["row"], s["seeds"]]
+            + ["" if v is None else f"{v:.6g}" for v in values]
+            + [s["parameters"], s["critic_parameters"], s["description"]]
+        )
     _write_text(out / "results.csv", buffer.getvalue())
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "seed"] + [f"{m}_{r}" for m in METRICS for r in regions] +
-                    ["train_seconds", "eval_seconds", "parameters", "critic_parameters"])
+    writer.writerow(
+        ["row", "seed"]
+        + [f"{m}_{r}" for m in METRICS for r in regions]
+        + ["train_seconds", "eval_seconds", "parameters", "critic_parameters"]
+    )
     for r in sorted(results, key=lambda r: (list(row_order).index(r["row"]), r["seed"])):
-        writer.writerow([r["row"], r["seed"]] + [r["metrics"][m][g] for m in METRICS for g in regions] +
-                        [r["train_seconds"], r["eval_seconds"], r["parameters"], r["critic_parameters"]])
+        writer.writerow(
+            [r["row"], r["seed"]]
+            + [r["metrics"][m][g] for m in METRICS for g in regions]
+            + [r["train_seconds"], r["eval_seconds"], r["parameters"], r["critic_parameters"]]
+        )
     _write_text(out / "runs.csv", buffer.getvalue())
 
     names = [_short(r) for r in regions]
@@ -487,23 +637,39 @@ def write_report(out: Path, suite: Suite, results: Sequence[dict], row_order: Se
         cells = [_cell(s[f"dice_{r}"]) for r in regions] + [_cell(s["mean_dice"])]
         lines.append(f"| {s['row']} | {s['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", "### Precision and sensitivity", ""]
-    lines += ["| method | " + " | ".join(f"precision {n}" for n in names) + " | " +
-              " | ".join(f"sensitivity {n}" for n in names) + " |", "| --- |" + " --- |" * (2 * len(names))]
+    lines += [
+        "| method | "
+        + " | ".join(f"precision {n}" for n in names)
+        + " | "
+        + " | ".join(f"sensitivity {n}" for n in names)
+        + " |",
+        "| --- |" + " --- |" * (2 * len(names)),
+    ]
     for s in summaries:
         cells = [_cell(s[f"precision_{r}"]) for r in regions] + [_cell(s[f"sensitivity_{r}"]) for r in regions]
         lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
     lines += ["", "### 3D components (prediction; ground truth in the header), HD95 (mm), cost", ""]
     truth = [_cell(summaries[0][f"components_label_{r}"], 1).split(" ±")[0] for r in regions]
-    lines += ["| method | " + " | ".join(f"components {n} (truth {t})" for n, t in zip(names, truth)) + " | " +
-              " | ".join(f"HD95 {n}" for n in names) + " | training s | parameters (segmentor / critics) |",
-              "| --- |" + " --- |" * (2 * len(names) + 2)]
+    lines += [
+        "| method | "
+        + " | ".join(f"components {n} (truth {t})" for n, t in zip(names, truth))
+        + " | "
+        + " | ".join(f"HD95 {n}" for n in names)
+        + " | training s | parameters (segmentor / critics) |",
+        "| --- |" + " --- |" * (2 * len(names) + 2),
+    ]
     for s in summaries:
         cells = [_cell(s[f"components_pred_{r}"], 1) for r in regions] + [_cell(s[f"hd95_{r}"], 1) for r in regions]
         cells += [_cell(s["train_seconds"], 0), f"{s['parameters']:,} / {s['critic_parameters']:,}"]
         lines.append(f"| {s['row']} | " + " | ".join(cells) + " |")
-    lines += ["", f"### Stability: largest fall of validation Dice after first reaching {STABLE_FROM}", "",
-              "Between consecutive validations, per region: mean ± std over seeds, and the worst seed "
-              "(n/a: never reached it).", ""]
+    lines += [
+        "",
+        f"### Stability: largest fall of validation Dice after first reaching {STABLE_FROM}",
+        "",
+        "Between consecutive validations, per region: mean ± std over seeds, and the worst seed "
+        "(n/a: never reached it).",
+        "",
+    ]
     lines += ["| method | " + " | ".join(names) + " | worst seed |", "| --- |" + " --- |" * (len(names) + 1)]
     for s in summaries:
         worst = [s[f"max_drop_{r}"] for r in regions]
@@ -526,11 +692,16 @@ def write_report(out: Path, suite: Suite, results: Sequence[dict], row_order: Se
     pairs = [d for a, b in PAIRS if (d := paired_difference(results, a, b)) is not None]
     if pairs:
         lines += ["", "### Paired differences of mean test Dice (same seeds; 95 % t-interval)", ""]
-        lines += ["| first − second | seeds | difference | 95 % interval | verdict |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| first − second | seeds | difference | 95 % interval | verdict |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for d in pairs:
-            verdict = ("first better" if d["low"] > 0 else "second better" if d["high"] < 0 else "no difference shown")
-            lines.append(f"| {d['first']} − {d['second']} | {d['seeds']} | {d['mean']:+.3f} | "
-                         f"[{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
+            verdict = "first better" if d["low"] > 0 else "second better" if d["high"] < 0 else "no difference shown"
+            lines.append(
+                f"| {d['first']} − {d['second']} | {d['seeds']} | {d['mean']:+.3f} | "
+                f"[{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |"
+            )
     lines += ["", "| method | what |", "| --- | --- |"] + [f"| {s['row']} | {s['description']} |" for s in summaries]
     _write_text(out / "README.md", "\n".join(lines) + "\n")
     _write_text_bytes(out / "dice.png", _bar_chart(summaries, regions))
@@ -569,7 +740,9 @@ def _header(suite: Suite, rows, seeds: int, overrides: Mapping, data_overrides: 
     """What the report was made with: the command, the configs, the budget's values, the data split."""
     options = {"rows": rows, "seeds": seeds, "suite": suite.name, **overrides}
     command = "python scripts/ablation.py " + " ".join(
-        f'--{k} "{v!r}"' if isinstance(v, (list, tuple, dict)) else f"--{k} {v}" for k, v in options.items() if v is not None
+        f'--{k} "{v!r}"' if isinstance(v, (list, tuple, dict)) else f"--{k} {v}"
+        for k, v in options.items()
+        if v is not None
     )
     parser = _parser(suite.configs, {**overrides, **data_overrides})
     budget = ", ".join(f"`{k}` {parser.get_parsed_content(k)}" for k in suite.budget_keys)
@@ -577,8 +750,10 @@ def _header(suite: Suite, rows, seeds: int, overrides: Mapping, data_overrides: 
     if data_overrides.get("data_list_file_path"):
         with open(data_overrides["data_list_file_path"], encoding="utf-8") as f:
             split = {k: len(v) for k, v in json.load(f).items()}
-        data = (f"{split.get('training', 0)} training, {split.get('validation', 0)} validation (model selection) and "
-                f"{split.get('testing', 0)} held-out test cases, the same for every run")
+        data = (
+            f"{split.get('training', 0)} training, {split.get('validation', 0)} validation (model selection) and "
+            f"{split.get('testing', 0)} held-out test cases, the same for every run"
+        )
     return (
         f"## Ablation: suite `{suite.name}`, {suite.description}\n\n"
         f"Command: `{command}`\n\n"
@@ -633,8 +808,11 @@ def ablation(
             failed.append(f"{row.name} seed {seed}")
             continue
         dice = result["metrics"]["dice"]
-        print(f"  trained in {result['train_seconds']:.0f} s; test Dice " +
-              ", ".join(f"{_short(r)} {v:.3f}" for r, v in dice.items() if v is not None), flush=True)
+        print(
+            f"  trained in {result['train_seconds']:.0f} s; test Dice "
+            + ", ".join(f"{_short(r)} {v:.3f}" for r, v in dice.items() if v is not None),
+            flush=True,
+        )
         results.append(result)
         write_report(Path(out), the_suite, results, names, header)
     print(f"ablation of {len(plan)} runs done in {time.perf_counter() - started:.0f} s; report in {out}", flush=True)

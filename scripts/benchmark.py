@@ -163,7 +163,9 @@ def _per_iteration(clocks: list, iterations: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- sections
-def training(widths: dict, batch: int, size: int, iterations: int, repeats: int, device, skip: str, regions: int = 3) -> dict:
+def training(
+    widths: dict, batch: int, size: int, iterations: int, repeats: int, device, skip: str, regions: int = 3
+) -> dict:
     """Trainer vs plain loop, interleaved; per-iteration medians and slices/s."""
     trainer, parts, clip, batches = _training_setup(
         widths, batch, size, regions, device, {"network_def#skip": skip}, count=iterations
@@ -217,13 +219,18 @@ def data_pipeline(work_dir: str, batches: int, num_workers: int, shape, crop_siz
     out = {}
     for name in ("cached", "naive"):
         overrides = {
-            "dataset_dir": data, "num_workers": num_workers, "crop_size": list(crop_size),
-            "patch_size": list(patch_size), "train_datalist": "$@segan.datalist.load_datalist('', @dataset_dir, 'training')",
+            "dataset_dir": data,
+            "num_workers": num_workers,
+            "crop_size": list(crop_size),
+            "patch_size": list(patch_size),
+            "train_datalist": "$@segan.datalist.load_datalist('', @dataset_dir, 'training')",
         }
         parser = _parser(TRAIN, overrides)
         per_batch = parser.get_parsed_content("slices_per_volume") * parser.get_parsed_content("volumes_per_batch")
         if name == "naive":  # each slice from a fresh load of its volume (8 a batch: the rate is per slice)
-            parser.update({"train#dataset#_target_": "Dataset", "slices_per_volume": 1, "volumes_per_batch": min(per_batch, 8)})
+            parser.update(
+                {"train#dataset#_target_": "Dataset", "slices_per_volume": 1, "volumes_per_batch": min(per_batch, 8)}
+            )
             for key in ("cache_rate", "num_workers", "copy_cache"):
                 parser["train"]["dataset"].pop(key, None)
         loader = parser.get_parsed_content("train#dataloader")  # a CacheDataset fills its cache here, untimed
@@ -233,9 +240,15 @@ def data_pipeline(work_dir: str, batches: int, num_workers: int, shape, crop_siz
         with Clock() as clock:
             for _ in range(n):
                 count += next(stream)["image"].shape[0]
-        out[name] = {"slices_per_s": count / clock.wall, "slices_per_cpu_s": count / max(clock.cpu, 1e-9), "slices": count}
+        out[name] = {
+            "slices_per_s": count / clock.wall,
+            "slices_per_cpu_s": count / max(clock.cpu, 1e-9),
+            "slices": count,
+        }
     out["cached_over_naive"] = out["cached"]["slices_per_s"] / out["naive"]["slices_per_s"]
-    out.update(num_workers=num_workers, volume_shape=list(shape), crop_size=list(crop_size), patch_size=list(patch_size))
+    out.update(
+        num_workers=num_workers, volume_shape=list(shape), crop_size=list(crop_size), patch_size=list(patch_size)
+    )
     return out
 
 
@@ -293,7 +306,10 @@ def _run_worker(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -326,22 +342,39 @@ def inference(work_dir: str, widths: dict, skip: str, threads: int, repeats: int
     ckpt = os.path.join(root, "models", f"model_{skip}_{'_'.join(map(str, widths['features']))}.pt")
     torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
     base = {
-        "bundle_root": root, "dataset_dir": data, "output_dir": os.path.join(work_dir, "out"), "ckpt_path": ckpt,
-        "features": widths["features"], "network_def#skip": skip, "device": "$torch.device('cpu')",
+        "bundle_root": root,
+        "dataset_dir": data,
+        "output_dir": os.path.join(work_dir, "out"),
+        "ckpt_path": ckpt,
+        "features": widths["features"],
+        "network_def#skip": skip,
+        "device": "$torch.device('cpu')",
     }
     if "onnxruntime" in variants:
         from monai.bundle.scripts import onnx_export
 
         base["onnx_path"] = ckpt[: -len(".pt")] + ".onnx"
         onnx_export(
-            net_id="network_def", filepath=base["onnx_path"], ckpt_file=ckpt, config_file=INFERENCE,
-            meta_file=os.path.join(ROOT, "configs", "metadata.json"), use_trace=True, input_shape=[1, 3, 160, 160],
-            converter_kwargs=ONNX_CONVERTER, features=widths["features"], **{"network_def#skip": skip},
+            net_id="network_def",
+            filepath=base["onnx_path"],
+            ckpt_file=ckpt,
+            config_file=INFERENCE,
+            meta_file=os.path.join(ROOT, "configs", "metadata.json"),
+            use_trace=True,
+            input_shape=[1, 3, 160, 160],
+            converter_kwargs=ONNX_CONVERTER,
+            features=widths["features"],
+            **{"network_def#skip": skip},
         )
     runs = {v: [] for v in variants}
     for r in range(repeats):
         for v in variants if r % 2 == 0 else list(variants)[::-1]:
-            spec = {"variant": v, "threads": threads, "skip": skip, "overrides": {**base, **(INFERENCE_VARIANTS[v] or {})}}
+            spec = {
+                "variant": v,
+                "threads": threads,
+                "skip": skip,
+                "overrides": {**base, **(INFERENCE_VARIANTS[v] or {})},
+            }
             runs[v].append(_run_worker(spec))
             print(f"  inference {v}: {runs[v][-1]['wall_s']:.1f} s wall, {runs[v][-1]['cpu_s']:.1f} s CPU", flush=True)
     out = {v: {k: float(np.median([x[k] for x in rs])) for k in rs[0]} for v, rs in runs.items()}
@@ -460,19 +493,28 @@ def scaling(batches, sizes, regions, iterations: int, device, skip: str) -> dict
         )
         _time_trainer(trainer, device)
         clock = _time_trainer(trainer, device)
-        rows.append({
-            "axis": axis, "batch": batch, "size": size, "regions": count,
-            "cpu_ms_per_slice": 1000 * clock.cpu / (iterations * batch),
-            "wall_ms_per_slice": 1000 * clock.wall / (iterations * batch),
-        })
+        rows.append(
+            {
+                "axis": axis,
+                "batch": batch,
+                "size": size,
+                "regions": count,
+                "cpu_ms_per_slice": 1000 * clock.cpu / (iterations * batch),
+                "wall_ms_per_slice": 1000 * clock.wall / (iterations * batch),
+            }
+        )
     return {"rows": rows, "skip": skip, **DEMO_WIDTHS}
 
 
 # ---------------------------------------------------------------------------------------------- report
 def _machine(threads: int, device) -> dict:
     info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__, "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "device": str(device),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     with contextlib.suppress(OSError):
@@ -494,9 +536,18 @@ def _table(results: dict) -> str:
     for name in ("demo", "paper"):
         if name in t:
             r = t[name]
-            rows.append((f"training {name} widths, batch {r['batch']} of {r['size']}x{r['size']}: trainer / plain loop",
-                         f"{r['ratio_pairs_median']:.3f} (wall, paired) {r['ratio_cpu']:.3f} (CPU)"))
-            rows.append((f"training {name} widths: slices/s", f"{r['slices_per_s']:.1f} wall, {r['slices_per_cpu_s']:.1f} per CPU-s"))
+            rows.append(
+                (
+                    f"training {name} widths, batch {r['batch']} of {r['size']}x{r['size']}: trainer / plain loop",
+                    f"{r['ratio_pairs_median']:.3f} (wall, paired) {r['ratio_cpu']:.3f} (CPU)",
+                )
+            )
+            rows.append(
+                (
+                    f"training {name} widths: slices/s",
+                    f"{r['slices_per_s']:.1f} wall, {r['slices_per_cpu_s']:.1f} per CPU-s",
+                )
+            )
     if "data" in results:
         d = results["data"]
         rows.append(("data pipeline, cached: slices/s", f"{d['cached']['slices_per_s']:.0f}"))
@@ -507,15 +558,25 @@ def _table(results: dict) -> str:
         i = results["inference"]
         for v in INFERENCE_VARIANTS:
             if v in i:
-                rows.append((f"inference one {'x'.join(map(str, i['case']['frame']))} case: {v}",
-                             f"{i[v]['wall_s']:.1f} s wall, {i[v]['cpu_s']:.1f} s CPU, {i[v]['peak_rss_mb']:.0f} MB peak"))
+                rows.append(
+                    (
+                        f"inference one {'x'.join(map(str, i['case']['frame']))} case: {v}",
+                        f"{i[v]['wall_s']:.1f} s wall, {i[v]['cpu_s']:.1f} s CPU, {i[v]['peak_rss_mb']:.0f} MB peak",
+                    )
+                )
     if "flops" in results:
         f = results["flops"]
-        rows.append((f"GFLOP per {f['size']}x{f['size']} slice: segmentor fwd / critic fwd / training iteration",
-                     f"{f['segmentor_forward'] / 1e9:.2f} / {f['critic_forward'] / 1e9:.2f} / {f['training_iteration'] / 1e9:.2f}"))
+        rows.append(
+            (
+                f"GFLOP per {f['size']}x{f['size']} slice: segmentor fwd / critic fwd / training iteration",
+                f"{f['segmentor_forward'] / 1e9:.2f} / {f['critic_forward'] / 1e9:.2f} / {f['training_iteration'] / 1e9:.2f}",
+            )
+        )
     if "peak" in results:
         p = results["peak"]
-        rows.append(("float32 matmul peak", f"{p['gflops_wall']:.0f} GFLOP/s wall, {p['gflops_per_cpu_s']:.0f} per CPU-s"))
+        rows.append(
+            ("float32 matmul peak", f"{p['gflops_wall']:.0f} GFLOP/s wall, {p['gflops_per_cpu_s']:.0f} per CPU-s")
+        )
     for key, label in (("training_peak_fraction", "training"), ("inference_peak_fraction", "inference")):
         if key in results:
             rows.append((f"{label}: fraction of matmul peak (per CPU-s)", f"{results[key]:.2f}"))
@@ -523,12 +584,17 @@ def _table(results: dict) -> str:
         for name, entry in results["options"].items():
             if isinstance(entry, dict) and ("train_speedup" in entry or "infer_speedup" in entry or "error" in entry):
                 value = entry.get("error") or "train x{:.2f}, inference x{:.2f}".format(
-                    entry.get("train_speedup", float("nan")), entry.get("infer_speedup", float("nan")))
+                    entry.get("train_speedup", float("nan")), entry.get("infer_speedup", float("nan"))
+                )
                 rows.append((f"option {name} (CPU time vs default)", value))
     if "scaling" in results:
         for r in results["scaling"]["rows"]:
-            rows.append((f"scaling {r['axis']}: batch {r['batch']}, {r['size']}x{r['size']}, {r['regions']} regions",
-                         f"{r['cpu_ms_per_slice']:.1f} CPU-ms per slice"))
+            rows.append(
+                (
+                    f"scaling {r['axis']}: batch {r['batch']}, {r['size']}x{r['size']}, {r['regions']} regions",
+                    f"{r['cpu_ms_per_slice']:.1f} CPU-ms per slice",
+                )
+            )
     return "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows[1:]])
 
 
@@ -581,14 +647,20 @@ def benchmark(
         }
     if "data" in sections:
         print("data pipeline", flush=True)
-        shape, crop, patch = ((48, 48, 24), (48, 48, 24), (32, 32)) if quick else ((192, 192, 128), (180, 180, 128), (160, 160))
+        shape, crop, patch = (
+            ((48, 48, 24), (48, 48, 24), (32, 32)) if quick else ((192, 192, 128), (180, 180, 128), (160, 160))
+        )
         results["data"] = data_pipeline(work_dir, 2 if quick else 20, 0, shape, crop, patch, cases=2 if quick else 4)
     if "data" in results and "training" in results:  # does loading keep up with the paper-width trainer?
-        results["data_over_training"] = results["data"]["cached"]["slices_per_s"] / results["training"]["paper"]["slices_per_s"]
+        results["data_over_training"] = (
+            results["data"]["cached"]["slices_per_s"] / results["training"]["paper"]["slices_per_s"]
+        )
     if "inference" in sections:
         print("inference: one case per process, variants interleaved", flush=True)
         frame, head = ((64, 64, 28), (48, 52, 24)) if quick else (BRATS_FRAME, BRATS_HEAD)
-        results["inference"] = inference(work_dir, paper, skip, threads, inference_repeats, list(INFERENCE_VARIANTS), frame, head)
+        results["inference"] = inference(
+            work_dir, paper, skip, threads, inference_repeats, list(INFERENCE_VARIANTS), frame, head
+        )
     if "flops" in sections:
         print("flops and matmul peak", flush=True)
         results["flops"] = flops(paper, 32 if quick else 160, skip)
@@ -605,12 +677,19 @@ def benchmark(
             results["inference_peak_fraction"] = flops_full / i["full_frame"]["cpu_s"] / peak
     if "options" in sections:
         print("speed options", flush=True)
-        results["options"] = options(demo if quick else paper, 2, 32 if quick else 160, threads,
-                                     repeats, device, skip, compile)
+        results["options"] = options(
+            demo if quick else paper, 2, 32 if quick else 160, threads, repeats, device, skip, compile
+        )
     if "scaling" in sections:
         print("scaling", flush=True)
-        results["scaling"] = scaling([2] if quick else [8, 16, 32], [32] if quick else [32, 64, 128],
-                                     [1] if quick else [1, 3, 5], 1, device, skip)
+        results["scaling"] = scaling(
+            [2] if quick else [8, 16, 32],
+            [32] if quick else [32, 64, 128],
+            [1] if quick else [1, 3, 5],
+            1,
+            device,
+            skip,
+        )
     results["seconds"] = time.perf_counter() - start
     results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(_table(results))

@@ -38,19 +38,34 @@ TRAINING_PATHS = {
     "S3-3C 2.5D": (("configs/variants/context_2_5d.json",), {}),
     "S3-3C 3D": (("configs/variants/segan3d.json",), {"roi_size": [32, 32, 32], "channels_last": False}),
     "U-net": (("configs/variants/unet.json",), {"dice_weight": 1.0}),
-    "Moeskops": (("configs/moeskops/multiclass.json", "configs/moeskops/dilated.json", "configs/moeskops/adversarial.json"),
-                 {"network_def#features": 8, "discriminator_features": 8, "discriminator_hidden": 16}),
+    "Moeskops": (
+        ("configs/moeskops/multiclass.json", "configs/moeskops/dilated.json", "configs/moeskops/adversarial.json"),
+        {"network_def#features": 8, "discriminator_features": 8, "discriminator_hidden": 16},
+    ),
 }
 OTHER_PATHS = ("DDP", "inference BraTS-sized")
 TINY = {
-    "demo_num_cases": 12, "demo_shape": [64, 64, 32], "crop_size": [64, 64, -1], "patch_size": [48, 48],
-    "features": [8, 16, 32, 64], "critic_features": [8, 16, 32], "slices_per_volume": 4, "volumes_per_batch": 2,
-    "val_interval": 1, "num_workers": 0, "progress": False, "tensorboard": False,
+    "demo_num_cases": 12,
+    "demo_shape": [64, 64, 32],
+    "crop_size": [64, 64, -1],
+    "patch_size": [48, 48],
+    "features": [8, 16, 32, 64],
+    "critic_features": [8, 16, 32],
+    "slices_per_volume": 4,
+    "volumes_per_batch": 2,
+    "val_interval": 1,
+    "num_workers": 0,
+    "progress": False,
+    "tensorboard": False,
 }
 
 
 def _options(settings: dict) -> list[str]:
-    return [arg for key, value in settings.items() for arg in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)]
+    return [
+        arg
+        for key, value in settings.items()
+        for arg in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)
+    ]
 
 
 def _run(command: Sequence[str], log: Path, env: Optional[dict] = None) -> tuple[bool, float, str]:
@@ -85,14 +100,22 @@ def gpu_check(
     cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no CUDA device; use --device cpu to try the paths on a CPU.")
-    names = list(TRAINING_PATHS) + list(OTHER_PATHS) if paths is None else ([paths] if isinstance(paths, str) else list(paths))
+    names = (
+        list(TRAINING_PATHS) + list(OTHER_PATHS)
+        if paths is None
+        else ([paths] if isinstance(paths, str) else list(paths))
+    )
     unknown = [n for n in names if n not in TRAINING_PATHS and n not in OTHER_PATHS]
     if unknown:
         raise ValueError(f"unknown paths {unknown}: choose from {list(TRAINING_PATHS) + list(OTHER_PATHS)}.")
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    speed = {"amp": True, "amp_dtype": "bfloat16" if not cuda or torch.cuda.is_bf16_supported() else "float16",
-             "channels_last": cuda, "cudnn_benchmark": cuda}
+    speed = {
+        "amp": True,
+        "amp_dtype": "bfloat16" if not cuda or torch.cuda.is_bf16_supported() else "float16",
+        "channels_last": cuda,
+        "cudnn_benchmark": cuda,
+    }
     base = ["configs/train.json", "configs/demo.json"]
     data = {"demo_dir": str(work / "data"), **TINY}
     results = []
@@ -104,22 +127,46 @@ def gpu_check(
         if name in TRAINING_PATHS:
             overlays, overrides = TRAINING_PATHS[name]
             configs = [str(ROOT / c) for c in (*base, *overlays)]
-            command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs),
-                       *_options({**settings, **overrides})]
+            command = [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "training",
+                "--config_file",
+                json.dumps(configs),
+                *_options({**settings, **overrides}),
+            ]
             ok, seconds, _ = _run(command, log)
         elif name == "DDP":
             configs = [str(ROOT / c) for c in (*base, "configs/multi_gpu_train.json")]
             nproc = max(torch.cuda.device_count(), 1) if cuda else 2
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                       "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), *_options(settings)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(nproc),
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                json.dumps(configs),
+                *_options(settings),
+            ]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             ok, seconds, _ = _run(command, log, env)
         else:
             ok, seconds = _inference_brats_sized(run_root, settings, log)
         results.append({"path": name, "ok": ok, "seconds": round(seconds, 1), "log": str(log)})
         print(f"{'PASS' if ok else 'FAIL'}  {name:<24} {seconds:7.1f} s  ({log})", flush=True)
-    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "amp_dtype": speed["amp_dtype"],
-              "torch": torch.__version__, "results": results}
+    report = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "amp_dtype": speed["amp_dtype"],
+        "torch": torch.__version__,
+        "results": results,
+    }
     target = Path(out) if out else work / "gpu_check.json"
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     failed = [r["path"] for r in results if not r["ok"]]
@@ -145,9 +192,20 @@ def _inference_brats_sized(run_root: Path, settings: dict, log: Path) -> tuple[b
     models = run_root / "models"
     models.mkdir(exist_ok=True)
     torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
-    keep = {k: v for k, v in settings.items() if k in ("amp", "amp_dtype", "device", "channels_last", "cudnn_benchmark", "bundle_root")}
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "inference.json"),
-               *_options({**keep, "dataset_dir": str(data), "features": [64, 128, 256, 512], "progress": False})]
+    keep = {
+        k: v
+        for k, v in settings.items()
+        if k in ("amp", "amp_dtype", "device", "channels_last", "cudnn_benchmark", "bundle_root")
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(ROOT / "configs" / "inference.json"),
+        *_options({**keep, "dataset_dir": str(data), "features": [64, 128, 256, 512], "progress": False}),
+    ]
     ok, seconds, _ = _run(command, log)
     return ok and any((run_root / "eval").glob("*_seg.nii.gz")), seconds
 

@@ -76,8 +76,9 @@ def lr_sweep(
             data.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(Path(default_work_dir).resolve() / suite / "data", data)
         run_overrides = dict(overrides) if reuse else {**overrides, "learning_rate": float(rate)}
-        ablation.ablation(rows=rows, seeds=seeds, suite=suite, out=str(rate_dir / "report"),
-                          work_dir=str(rate_dir), **run_overrides)
+        ablation.ablation(
+            rows=rows, seeds=seeds, suite=suite, out=str(rate_dir / "report"), work_dir=str(rate_dir), **run_overrides
+        )
         for row in rows:
             dirs = [rate_dir / suite / ablation._slug(row) / f"seed{s}" for s in range(int(seeds))]
             table.setdefault(row, {})[float(rate)] = {
@@ -87,8 +88,11 @@ def lr_sweep(
     lines = [
         f"## Learning-rate sweep, suite `{suite}`, {seeds} seed(s) per rate",
         "",
-        "Command: `python scripts/lr_sweep.py --rows \"" + str(rows) + f"\" --rates \"{list(rates)}\" --seeds {seeds}`"
-        + "".join(f" --{k} {v}" for k, v in overrides.items()) + ". The rate (Adam, critics at the same rate) is "
+        'Command: `python scripts/lr_sweep.py --rows "'
+        + str(rows)
+        + f'" --rates "{list(rates)}" --seeds {seeds}`'
+        + "".join(f" --{k} {v}" for k, v in overrides.items())
+        + ". The rate (Adam, critics at the same rate) is "
         "chosen per row by the mean best validation Dice (2 validation cases, the model-selection split); the test "
         "Dice (8 held-out cases) is shown beside it, not used for the choice.",
         "",

@@ -64,8 +64,9 @@ def ensure_venv(venv: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     constraints = venv / "constraints.txt"
     constraints.write_text(f"torch=={torch_version}\n")
-    subprocess.run([str(binary / "pip"), "install", "-c", str(constraints), *MONAILABEL, f"torch=={torch_version}"],
-                   check=True)
+    subprocess.run(
+        [str(binary / "pip"), "install", "-c", str(constraints), *MONAILABEL, f"torch=={torch_version}"], check=True
+    )
     # PyPI's torchvision (0.28, which that resolves) is a CUDA build: beside a CPU torch its operators do not load
     # and `import torchvision` fails ("RuntimeError: operator torchvision::nms does not exist"), which stops
     # MONAI Label's server at start. torchvision 0.16 guards its operator registrations, so it imports (with a
@@ -92,9 +93,9 @@ def _copy_bundle(app: Path, ckpt_path: Path) -> Path:
 
 
 def _studies(folder: Path, num_cases: int) -> list[str]:
-    from monai.data import NibabelWriter  # noqa: F401  (MONAI is this interpreter's)
     import nibabel as nib
     import numpy as np
+    from monai.data import NibabelWriter  # noqa: F401  (MONAI is this interpreter's)
 
     demo = folder.parent / "demo"
     make_demo_dataset(str(demo), num_cases=num_cases, shape=(96, 96, 64), seed=7)
@@ -123,9 +124,13 @@ def _request(url: str, data: bytes | None = None, headers: dict | None = None, t
 
 def _multipart(fields: dict[str, str]) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
-    ) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -188,13 +193,32 @@ def main(
     log = work / "server.log"
     env = {**os.environ, "PATH": f"{binary}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    command = [str(binary / "monailabel"), "start_server", "--app", str(app), "--studies", str(work / "studies"),
-               "--conf", "models", NAME, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(binary / "monailabel"),
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(work / "studies"),
+        "--conf",
+        "models",
+        NAME,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     _say("starting: " + " ".join(command))
     with open(log, "w") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True
+        )
     failures = []
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -215,28 +239,53 @@ def main(
         served_file = _infer(base, case, work / f"{case}_served.nii.gz")
         _say(f"/infer/{NAME}?image={case} answered in {time.time() - started:.1f} s")
         own_dir = work / "own"
-        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                        str(bundle_root / "configs" / "inference.json"), "--bundle_root", str(bundle_root),
-                        "--dataset_dir", str(work / "studies" / f"{case}.nii.gz"), "--output_dir", str(own_dir),
-                        "--progress", "false"], check=True, cwd=work, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                str(bundle_root / "configs" / "inference.json"),
+                "--bundle_root",
+                str(bundle_root),
+                "--dataset_dir",
+                str(work / "studies" / f"{case}.nii.gz"),
+                "--output_dir",
+                str(own_dir),
+                "--progress",
+                "false",
+            ],
+            check=True,
+            cwd=work,
+            capture_output=True,
+        )
         served = np.asarray(nib.load(str(served_file)).dataobj)
         own = np.asarray(nib.load(str(own_dir / f"{case}_seg.nii.gz")).dataobj)
         same = served.shape == own.shape and np.array_equal(served, own)
         values = sorted(int(v) for v in np.unique(served))
-        check("/infer equals the bundle's own inference", same,
-              f"shape {served.shape} vs {own.shape}, values {values}, "
-              f"{int((served == own).sum()) if served.shape == own.shape else 0} of {own.size} voxels equal")
+        check(
+            "/infer equals the bundle's own inference",
+            same,
+            f"shape {served.shape} vs {own.shape}, values {values}, "
+            f"{int((served == own).sum()) if served.shape == own.shape else 0} of {own.size} voxels equal",
+        )
 
         model = bundle_root / "models" / "model.pt"
         before = torch.load(model, weights_only=True)
         started = time.time()
-        answer = _request(f"{base}/train/{NAME}?run_sync=true",
-                          json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}).encode(),
-                          {"Content-Type": "application/json"})
+        answer = _request(
+            f"{base}/train/{NAME}?run_sync=true",
+            json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}).encode(),
+            {"Content-Type": "application/json"},
+        )
         after = torch.load(model, weights_only=True)
         changed = any(not torch.equal(after[k], before[k]) for k in before)
-        check("/train 1 epoch rewrote models/model.pt", changed and after.keys() == before.keys(),
-              f"{time.time() - started:.0f} s, answer {answer[:200].decode(errors='replace')}")
+        check(
+            "/train 1 epoch rewrote models/model.pt",
+            changed and after.keys() == before.keys(),
+            f"{time.time() - started:.0f} s, answer {answer[:200].decode(errors='replace')}",
+        )
         _infer(base, case, work / f"{case}_after_train.nii.gz")
         check("/infer after /train", True, "answers with the model.pt the training left")
     finally:

@@ -103,14 +103,17 @@ def _check_weights(model: Path) -> dict:
         return recipe
     in_channels = len(recipe.get("modalities", ())) * (2 * int(recipe.get("context_slices", 0)) + 1)
     for name, saved, recorded in (
-        ("features", settings["features"], recipe.get("features")), ("skip", settings["skip"], recipe.get("skip")),
+        ("features", settings["features"], recipe.get("features")),
+        ("skip", settings["skip"], recipe.get("skip")),
         ("input channels", settings["in_channels"], in_channels or None),
         ("regions", settings["out_channels"], len(recipe["regions"]) if "regions" in recipe else None),
     ):
         if recorded is not None and saved != recorded:
             raise ValueError(f"'{model}' holds a segmentor with {name} {saved}, but its recipe says {recorded}.")
-    print(f"models/model.pt: features {settings['features']}, skip '{settings['skip']}', "
-          f"{settings['in_channels']} input channels, {settings['out_channels']} regions")
+    print(
+        f"models/model.pt: features {settings['features']}, skip '{settings['skip']}', "
+        f"{settings['in_channels']} input channels, {settings['out_channels']} regions"
+    )
     return recipe
 
 
@@ -148,10 +151,14 @@ URL_PLACEHOLDER = "FILL IN: the download url of models/{file}"
 
 
 def _large_files_yml(weights: list[Path], base_url: str) -> str:
-    lines = [] if base_url else [
-        "# Fill in each url (where the file can be downloaded), then:",
-        "#   python -m monai.bundle download_large_files --bundle_path <this folder>",
-    ]
+    lines = (
+        []
+        if base_url
+        else [
+            "# Fill in each url (where the file can be downloaded), then:",
+            "#   python -m monai.bundle download_large_files --bundle_path <this folder>",
+        ]
+    )
     lines.append("large_files:")
     for path in weights:
         url = f'{base_url.rstrip("/")}/{path.name}' if base_url else URL_PLACEHOLDER.format(file=path.name)
@@ -231,8 +238,9 @@ def _flag(value: bool | str, option: str) -> bool:
     return bool(value)
 
 
-def _bundle_files(root: Path, recipe_file: Path, weights: list[Path], metadata: dict, include_weights: bool,
-                  base_url: str) -> dict[str, bytes]:
+def _bundle_files(
+    root: Path, recipe_file: Path, weights: list[Path], metadata: dict, include_weights: bool, base_url: str
+) -> dict[str, bytes]:
     """The bundle's files, relative path -> content: what the zip holds under ``<name>/``."""
     files = {p.relative_to(root).as_posix(): p.read_bytes() for p in _code_and_configs(root)}
     files["configs/metadata.json"] = (json.dumps(metadata, indent=4) + "\n").encode()
@@ -277,17 +285,22 @@ def main(
             "(and the metadata changelog) together."
         )
     if layout == "huggingface" and version not in source_metadata.get("changelog", {}):
-        raise ValueError(f"configs/metadata.json's changelog has no entry for its version {version}: add one (the "
-                         "model zoo's Hugging Face check requires it).")
+        raise ValueError(
+            f"configs/metadata.json's changelog has no entry for its version {version}: add one (the "
+            "model zoo's Hugging Face check requires it)."
+        )
     models = root / "models"
     recipe = _check_weights(models / "model.pt")
     weights = [models / f for f in WEIGHT_FILES if (models / f).is_file()]
     if not include_weights and not base_url and layout == "zip":
-        raise ValueError("--include_weights false needs --base_url: without large_files.yml nobody could get the weights.")
+        raise ValueError(
+            "--include_weights false needs --base_url: without large_files.yml nobody could get the weights."
+        )
 
     metadata = _metadata(source_metadata, recipe)
-    files = _bundle_files(root, Path(recipe_path(str(models / "model.pt"))), weights, metadata, include_weights,
-                          base_url)
+    files = _bundle_files(
+        root, Path(recipe_path(str(models / "model.pt"))), weights, metadata, include_weights, base_url
+    )
     if layout == "huggingface":
         return _huggingface_folder(Path(output_dir) / name, root, files, weights, include_weights, base_url)
 
@@ -301,8 +314,9 @@ def main(
     return str(out)
 
 
-def _huggingface_folder(folder: Path, root: Path, files: dict[str, bytes], weights: list[Path],
-                        include_weights: bool, base_url: str) -> str:
+def _huggingface_folder(
+    folder: Path, root: Path, files: dict[str, bytes], weights: list[Path], include_weights: bool, base_url: str
+) -> str:
     """Write the Hub repository's folder: the bundle's ``files`` plus the model card, the zoo's top-level
     ``metadata.json`` and, for weights kept out, ``large_files.yml``."""
     files = dict(files)
@@ -317,8 +331,10 @@ def _huggingface_folder(folder: Path, root: Path, files: dict[str, bytes], weigh
         for path in weights:
             where = f"{base_url.rstrip('/')}/{path.name}" if base_url else "a url you fill in in large_files.yml"
             print(f"upload {path} (sha256 {sha256(path)}) to {where}")
-    print(f"upload with: hf upload <org>/{folder.name} {folder} .   (older huggingface_hub: huggingface-cli upload, "
-          "same arguments)")
+    print(
+        f"upload with: hf upload <org>/{folder.name} {folder} .   (older huggingface_hub: huggingface-cli upload, "
+        "same arguments)"
+    )
     return str(folder)
 
 

@@ -12,7 +12,8 @@ before / after comparison sees the same load.
         --variants "['before', 'after']"
 
 ``before`` is the bundle before the change (MONAI's ``SliceInferer``, the default allocator), ``after`` the
-bundle as it is, ``channels_last`` the same with ``--channels_last true`` (see :data:`VARIANTS`). The table goes to stdout and to ``<work_dir>/profile.json``.
+bundle as it is, ``channels_last`` the same with ``--channels_last true`` (see :data:`VARIANTS`). The table goes to
+stdout and to ``<work_dir>/profile.json``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from monai.bundle import ConfigParser
-
 from helpers import ROOT  # this script's folder, tests/, is first on sys.path
+from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(ROOT))
 
@@ -27,10 +26,13 @@ def gathered(module):
     return out
 
 
-same = {name: all(torch.equal(t, ts[0]) for t in ts) for name, ts in (
-    ("segmentor", gathered(parser.get_parsed_content("network"))),
-    ("critic", gathered(parser.get_parsed_content("critic"))),
-)}
+same = {
+    name: all(torch.equal(t, ts[0]) for t in ts)
+    for name, ts in (
+        ("segmentor", gathered(parser.get_parsed_content("network"))),
+        ("critic", gathered(parser.get_parsed_content("critic"))),
+    )
+}
 samples = torch.tensor([len(parser.get_parsed_content("train#dataset"))])
 all_samples = [torch.zeros_like(samples) for _ in range(dist.get_world_size())]
 dist.all_gather(all_samples, samples)

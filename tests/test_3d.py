@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
@@ -19,7 +20,6 @@ from bundle.demo import make_demo_dataset
 from bundle.engines import SegANTrainer
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor
-from helpers import ROOT
 
 CONFIGS = ROOT / "configs"
 TRAIN_3D = [str(CONFIGS / "train.json"), str(CONFIGS / "variants" / "segan3d.json")]

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-
 from helpers import TINY, load_script
 
 
@@ -55,10 +54,24 @@ def test_unknown_rows_are_named(ablation, tmp_path):
 
 @pytest.mark.slow
 def test_moeskops_suite_reports_one_column_per_class(ablation, tmp_path):
-    tiny = {**TINY, "max_epochs": 1, "demo_num_cases": 5, "demo_test_cases": 2, "demo_shape": [32, 32, 24],
-            "network_def#features": 4, "discriminator_features": 4, "discriminator_hidden": 8}
-    ablation.ablation(rows=["Dilated + adversarial"], seeds=1, suite="moeskops", out=str(tmp_path / "report"),
-                      work_dir=str(tmp_path / "runs"), **tiny)
+    tiny = {
+        **TINY,
+        "max_epochs": 1,
+        "demo_num_cases": 5,
+        "demo_test_cases": 2,
+        "demo_shape": [32, 32, 24],
+        "network_def#features": 4,
+        "discriminator_features": 4,
+        "discriminator_hidden": 8,
+    }
+    ablation.ablation(
+        rows=["Dilated + adversarial"],
+        seeds=1,
+        suite="moeskops",
+        out=str(tmp_path / "report"),
+        work_dir=str(tmp_path / "runs"),
+        **tiny,
+    )
     with open(tmp_path / "report" / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     for name in ("background", "necrotic_core", "edema", "enhancing_tumor"):
@@ -68,10 +81,19 @@ def test_moeskops_suite_reports_one_column_per_class(ablation, tmp_path):
 
 @pytest.mark.slow
 def test_isic_suite_trains_on_the_lesion_demo_and_evaluates_its_test_set(ablation, tmp_path):
-    tiny = {"lesion_demo_images": [4, 1, 2], "image_size": [32, 32], "features": [4, 8, 16, 32],
-            "critic_features": [4, 8, 16], "batch_size": 4, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
-    ablation.ablation(rows=["SegAN"], seeds=1, suite="isic", out=str(tmp_path / "report"),
-                      work_dir=str(tmp_path / "runs"), **tiny)
+    tiny = {
+        "lesion_demo_images": [4, 1, 2],
+        "image_size": [32, 32],
+        "features": [4, 8, 16, 32],
+        "critic_features": [4, 8, 16],
+        "batch_size": 4,
+        "max_epochs": 1,
+        "val_interval": 1,
+        "num_workers": 0,
+    }
+    ablation.ablation(
+        rows=["SegAN"], seeds=1, suite="isic", out=str(tmp_path / "report"), work_dir=str(tmp_path / "runs"), **tiny
+    )
     result = json.loads((tmp_path / "runs" / "isic" / "SegAN" / "seed0" / "result.json").read_text())
     assert result["num_test_cases"] == 2 and 0.0 <= result["metrics"]["dice"]["lesion"] <= 1.0
     assert "| SegAN | 1 |" in (tmp_path / "report" / "README.md").read_text()

@@ -7,11 +7,11 @@ for bfloat16. The gradient scaler, channels_last kernels and cuDNN need a GPU: `
 
 import pytest
 import torch
+from helpers import ROOT, TINY
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from bundle.demo import make_demo_dataset
-from helpers import ROOT, TINY
 
 CONFIGS = ROOT / "configs"
 MOESKOPS = [str(CONFIGS / "moeskops" / f"{n}.json") for n in ("multiclass", "dilated", "adversarial")]
@@ -42,8 +42,15 @@ def _first_conv(module):
 def test_every_trainer_autocasts_its_networks_to_bfloat16_and_keeps_the_game_in_float32(name, data, tmp_path):
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), *TRAINERS[name]])
-    overrides = {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(data), "amp": "true", "amp_dtype": "bfloat16",
-                 "progress": False, "tensorboard": False}
+    overrides = {
+        **TINY,
+        "bundle_root": str(tmp_path),
+        "dataset_dir": str(data),
+        "amp": "true",
+        "amp_dtype": "bfloat16",
+        "progress": False,
+        "tensorboard": False,
+    }
     if name == "Moeskops":
         overrides.update({"network_def#features": 4, "discriminator_features": 4, "discriminator_hidden": 8})
     parser.update(overrides)
@@ -54,7 +61,9 @@ def test_every_trainer_autocasts_its_networks_to_bfloat16_and_keeps_the_game_in_
     if parser.get_parsed_content("critic") is not None:
         networks["critic"] = parser.get_parsed_content("critic")
     for role, network in networks.items():
-        _first_conv(network).register_forward_hook(lambda m, i, out, role=role: dtypes.setdefault(role, out.dtype) and None)
+        _first_conv(network).register_forward_hook(
+            lambda m, i, out, role=role: dtypes.setdefault(role, out.dtype) and None
+        )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: engine.terminate())
     trainer.run()
 

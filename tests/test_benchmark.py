@@ -7,7 +7,6 @@ meaningful wall-clock figure, so this checks only that each section runs and rep
 import json
 
 import pytest
-
 from helpers import load_script
 
 pytestmark = pytest.mark.slow  # the whole benchmark, end to end
@@ -23,12 +22,16 @@ def test_the_benchmark_runs_every_section_on_tiny_settings_and_writes_its_json(t
     training = saved["training"]
     for widths in ("demo", "paper"):
         assert training[widths]["trainer"]["cpu_s"] > 0 and training[widths]["plain"]["cpu_s"] > 0
-        assert training[widths]["ratio_cpu"] == training[widths]["trainer"]["cpu_s"] / training[widths]["plain"]["cpu_s"]
+        assert (
+            training[widths]["ratio_cpu"] == training[widths]["trainer"]["cpu_s"] / training[widths]["plain"]["cpu_s"]
+        )
     assert saved["data"]["cached"]["slices"] > 0 and saved["data"]["naive"]["slices"] > 0
     for variant in ("bundle", "onnxruntime", "full_frame", "naive"):
         assert saved["inference"][variant]["wall_s"] > 0 and saved["inference"][variant]["peak_rss_mb"] > 0
     # the tiny case's foreground is its demo head, inside the frame
-    assert all(f < F for f, F in zip(saved["inference"]["case"]["foreground_box"], saved["inference"]["case"]["frame"]))
+    assert all(
+        f < size for f, size in zip(saved["inference"]["case"]["foreground_box"], saved["inference"]["case"]["frame"])
+    )
     assert 0 < saved["flops"]["segmentor_forward"] < saved["flops"]["training_iteration"]
     assert saved["peak"]["gflops_per_cpu_s"] > 0
     assert {"default", "channels_last"} <= saved["options"].keys()

@@ -44,12 +44,14 @@ def test_hd95_of_small_masks_in_a_large_volume_is_unchanged_by_cropping_to_them(
     large_pred[inner], large_label[inner] = pred, label
     spacing = np.asarray([0.9, 1.2, 2.5])
     assert brats_hd95(large_pred, large_label, spacing) == pytest.approx(
-        _brute_force_hd95(large_pred, large_label, spacing), rel=1e-9)
+        _brute_force_hd95(large_pred, large_label, spacing), rel=1e-9
+    )
 
 
 def test_hd95_is_not_monais_larger_directed_percentile():
     """A far island of 12 voxels only in the prediction: over 5% of the prediction's surface, under 5% of the pooled
-    surfaces. MONAI's HausdorffDistanceMetric (the larger directed 95th percentile) reports the island; BraTS does not."""
+    surfaces. MONAI's HausdorffDistanceMetric (the larger directed 95th percentile) reports the island; BraTS does not.
+    """
     import torch
     from monai.metrics import compute_hausdorff_distance
 
@@ -58,8 +60,9 @@ def test_hd95_is_not_monais_larger_directed_percentile():
     pred = label.copy()
     pred[30:32, 4:6, 4:7] = True  # 12 more, all surface, 23 to 24 voxels away
     ours = brats_hd95(pred, label)
-    monai = float(compute_hausdorff_distance(torch.as_tensor(pred)[None, None], torch.as_tensor(label)[None, None],
-                                             percentile=95))
+    monai = float(
+        compute_hausdorff_distance(torch.as_tensor(pred)[None, None], torch.as_tensor(label)[None, None], percentile=95)
+    )
     assert ours == pytest.approx(_brute_force_hd95(pred, label, np.ones(3)))
     assert ours < 1.0 < 20.0 < monai
 

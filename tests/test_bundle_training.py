@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
-
-from helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # every test trains (or starts a training) through monai.bundle run
 
@@ -107,20 +106,33 @@ def test_custom_regions_train_infer_and_evaluate_through_the_same_overrides(tmp_
     data = tmp_path / "mine"
     data.mkdir()
     datalist = _write_custom_dataset(data, demo_dir)
-    mine = {"data_list_file_path": str(datalist), "image_modalities": ["mri"], "modalities": ["mri"],
-            "regions": {"edema": [1], "core": [2]}}
+    mine = {
+        "data_list_file_path": str(datalist),
+        "image_modalities": ["mri"],
+        "modalities": ["mri"],
+        "regions": {"edema": [1], "core": [2]},
+    }
     _train(tmp_path, str(data), max_epochs=1, **mine, **({"region_labels": region_labels} if region_labels else {}))
     inference = os.path.join(ROOT, "configs", "inference.json")
     # the same overrides as training; the label values come with the weights (models/model_recipe.json)
-    settings = {"bundle_root": str(tmp_path), "dataset_dir": str(data), "features": TINY["features"], "num_workers": 0,
-                "progress": False, **mine}
+    settings = {
+        "bundle_root": str(tmp_path),
+        "dataset_dir": str(data),
+        "features": TINY["features"],
+        "num_workers": 0,
+        "progress": False,
+        **mine,
+    }
     run(config_file=inference, output_dir=str(tmp_path / "pred"), data_list_key="validation", **settings)
     written = sorted((tmp_path / "pred").rglob("*.nii.gz"))
     assert len(written) == 1
     values = set(np.unique(np.asarray(nib.load(str(written[0])).dataobj)).tolist())
     assert values <= {0, *(region_labels or [1, 2])}
-    run(config_file=[inference, os.path.join(ROOT, "configs", "evaluate.json")], output_dir=str(tmp_path / "scores"),
-        **settings)
+    run(
+        config_file=[inference, os.path.join(ROOT, "configs", "evaluate.json")],
+        output_dir=str(tmp_path / "scores"),
+        **settings,
+    )
     dice = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["metrics"]["dice"]
     reference = np.asarray(nib.load(str(data / json.loads(datalist.read_text())["validation"][0]["label"])).dataobj)
     predicted = np.asarray(nib.load(str(written[0])).dataobj)
@@ -148,7 +160,9 @@ def _write_brats2015(root, num_subjects=3):
             folder = subject / f"{prefix}.{name}.{1000 + 10 * i + j}"
             folder.mkdir(parents=True)
             # ITK arrays are (z, y, x): transpose so the axial axis stays last after loading
-            itk.imwrite(itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0))), str(folder / f"{folder.name}.mha"))
+            itk.imwrite(
+                itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0))), str(folder / f"{folder.name}.mha")
+            )
 
 
 def test_paper_pipeline_trains_from_a_brats2015_mha_folder(tmp_path):
@@ -178,7 +192,9 @@ def test_command_line_booleans_given_as_text_are_understood(tmp_path, demo_dir):
     # `--amp false --resume false` reach the config as strings; "false" must not read as true
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(demo_dir), "amp": "false", "resume": "false"})
+    parser.update(
+        {**TINY, "bundle_root": str(tmp_path), "dataset_dir": str(demo_dir), "amp": "false", "resume": "false"}
+    )
     assert parser.get_parsed_content("train#trainer").amp is False
     parser.update({"multiclass": "false"})
     assert list(parser.get_parsed_content("regions")) == ["whole_tumor", "tumor_core", "enhancing_tumor"]
@@ -191,7 +207,8 @@ def test_same_seed_gives_the_same_segmentor(tmp_path, demo_dir):
     for run_name in ("a", "b"):
         _train(tmp_path / run_name, demo_dir, max_epochs=2)
     first, second = (
-        torch.load(tmp_path / name / "checkpoints" / "training_state.pt", weights_only=False)["network"] for name in "ab"
+        torch.load(tmp_path / name / "checkpoints" / "training_state.pt", weights_only=False)["network"]
+        for name in "ab"
     )
     assert all(torch.equal(first[k], second[k]) for k in first)
 

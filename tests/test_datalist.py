@@ -8,11 +8,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from bundle.constants import MODALITIES
-from bundle.cases import find_cases
-from bundle.datalist import build_datalist, load_datalist, split_cases
 from helpers import load_script
+
+from bundle.cases import find_cases
+from bundle.constants import MODALITIES
+from bundle.datalist import build_datalist, load_datalist, split_cases
 
 # ITK's SWIG wrappers warn on import under Python >= 3.11; unrelated to what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -230,7 +230,9 @@ def test_the_model_zoo_test_layout_is_one_case_per_folder(tmp_path):
         folder = tmp_path / "training" / "HGG" / f"sample_{s}"
         folder.mkdir(parents=True)
         for name in ("t1", "t1ce", "t2", "flair"):
-            nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(folder / f"image_{s}_{name}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(folder / f"image_{s}_{name}.nii.gz")
+            )
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(folder / f"label_{s}_seg.nii.gz"))
     cases = find_cases(str(tmp_path))
     assert [c["case"] for c in cases] == ["sample_0", "sample_1"]

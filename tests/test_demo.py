@@ -7,13 +7,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import load_script
 from scipy.ndimage import binary_dilation
 
 import bundle.demo as demo
 from bundle.cases import find_cases
 from bundle.demo import DEMO_MANIFEST, ensure_demo_data, make_demo_dataset
 from bundle.phantom import border_label_noise, make_demo_case
-from helpers import load_script
 
 SHAPE = (48, 48, 24)
 SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")

@@ -103,8 +103,12 @@ def test_segmentor_gets_gradients_only_through_the_critic():
 def test_engine_output_holds_both_losses_and_iteration_events_fire():
     trainer = _trainer(dice_weight=1.0)
     fired = []
-    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
-                  IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
         trainer.add_event_handler(event, lambda e, ev=event: fired.append(ev))
     trainer.run()
     out = trainer.state.output
@@ -215,8 +219,14 @@ def test_deeper_critic_layers_carry_the_loss_with_the_default_clamp(clip_params,
     seg = SegANSegmentor(in_channels=3, out_channels=3, features=(16, 32, 64, 128))
     critic = SegANCritics(in_channels=3, num_regions=3, features=(16, 32, 64), clip_params=clip_params)
     trainer = SegANTrainer(
-        "cpu", 1, [batch] * 5, seg, critic,
-        torch.optim.RMSprop(seg.parameters(), lr=2e-5), torch.optim.RMSprop(critic.parameters(), lr=2e-5), clip=0.01,
+        "cpu",
+        1,
+        [batch] * 5,
+        seg,
+        critic,
+        torch.optim.RMSprop(seg.parameters(), lr=2e-5),
+        torch.optim.RMSprop(critic.parameters(), lr=2e-5),
+        clip=0.01,
     )
     trainer.run()
     terms = trainer.state.output[LOSS_TERMS]
@@ -254,7 +264,9 @@ def _air_batch():
 
 
 @pytest.mark.parametrize("input_mode, paints_air", [("masked", True), ("masked_map", False), ("shifted", False)])
-def test_a_segmentor_that_starts_painting_everywhere_unlearns_the_air_only_when_the_critic_sees_it(input_mode, paints_air):
+def test_a_segmentor_that_starts_painting_everywhere_unlearns_the_air_only_when_the_critic_sees_it(
+    input_mode, paints_air
+):
     """Xue et al. 2018's literal x o S(x) gives the loss no gradient where x = 0: a segmentor whose output starts
     at ~0.95 everywhere keeps painting the air; a critic input that sees every prediction trains it away."""
     torch.manual_seed(0)
@@ -263,8 +275,16 @@ def test_a_segmentor_that_starts_painting_everywhere_unlearns_the_air_only_when_
         seg.head[1].conv.bias.fill_(3.0)
     critic = SegANCritics(in_channels=2, num_regions=1, features=(8, 16, 32), input_mode=input_mode)
     adam = dict(lr=1e-2, betas=(0.5, 0.999))
-    trainer = SegANTrainer("cpu", 1, [_air_batch()] * 40, seg, critic, torch.optim.Adam(seg.parameters(), **adam),
-                           torch.optim.Adam(critic.parameters(), **adam), clip=0.05)
+    trainer = SegANTrainer(
+        "cpu",
+        1,
+        [_air_batch()] * 40,
+        seg,
+        critic,
+        torch.optim.Adam(seg.parameters(), **adam),
+        torch.optim.Adam(critic.parameters(), **adam),
+        clip=0.05,
+    )
     trainer.run()
     seg.eval()
     with torch.no_grad():

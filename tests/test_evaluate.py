@@ -1,7 +1,9 @@
 """Evaluation end to end: ``configs/evaluate.json`` scores whole cases in their own geometry with the paper's metrics.
 
-Dice, precision and sensitivity per region (SegAN paper, Table 1), IoU (the ISIC 2017 SegAN re-implementation report), the 95% Hausdorff distance as
-the BraTS challenge computes it (mm), and the number of 3D connected components of prediction and ground truth (Moeskops et al. 2017), per case in a CSV
+Dice, precision and sensitivity per region (SegAN paper, Table 1), IoU (the ISIC 2017 SegAN re-implementation report),
+the 95% Hausdorff distance as
+the BraTS challenge computes it (mm), and the number of 3D connected components of prediction and ground truth
+(Moeskops et al. 2017), per case in a CSV
 and as mean ± std in a JSON summary, with a Fig. 3-style overlay PNG.
 
 To know the right answer, two tests swap the segmentor for a 1x1 convolution that passes each (normalised) image
@@ -19,11 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from monai.bundle.scripts import run
 
 from bundle.datalist import build_datalist
 from bundle.demo import make_demo_dataset
-from helpers import ROOT
 
 # MONAI's own HausdorffDistanceMetric passes a deprecated argument to get_mask_edges; nothing to do with this bundle
 pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy.*:FutureWarning")
@@ -36,9 +38,7 @@ METRICS = ["dice", "precision", "sensitivity", "iou", "hd95", "components_pred",
 SHAPE = (36, 34, 24)
 PASS_THROUGH = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 3, "kernel_size": 1}
 # a rotated, anisotropic, shifted grid: predictions must come back on it
-AFFINE = np.array(
-    [[0.0, -1.2, 0.0, 30.0], [0.9, 0.0, 0.0, -12.5], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]]
-)
+AFFINE = np.array([[0.0, -1.2, 0.0, 30.0], [0.9, 0.0, 0.0, -12.5], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _evaluate(config_file, root, output_dir, **overrides):
@@ -232,7 +232,7 @@ def test_every_metric_scores_the_written_label_map_and_empty_regions_score_as_in
     (Dice 0, HD95 374 mm, BraTS 2023's scores) and Case_0 has none in either (Dice 1, HD95 0).
     """
     data = tmp_path / "data"
-    items, truths, predictions = [], [], []
+    items, truths = [], []
     for index in range(2):
         label = np.zeros(SHAPE, np.uint8)
         label[10:22, 9:21, 6:16] = 2
@@ -248,8 +248,15 @@ def test_every_metric_scores_the_written_label_map_and_empty_regions_score_as_in
         truths.append(_regions(label))
     (tmp_path / "datalist.json").write_text(json.dumps({"validation": items}))
     out = tmp_path / "eval"
-    _evaluate([INFERENCE, EVALUATE], _pass_through_root(tmp_path), out, dataset_dir=str(data),
-              data_list_file_path=str(tmp_path / "datalist.json"), network_def=PASS_THROUGH, save_predictions=True)
+    _evaluate(
+        [INFERENCE, EVALUATE],
+        _pass_through_root(tmp_path),
+        out,
+        dataset_dir=str(data),
+        data_list_file_path=str(tmp_path / "datalist.json"),
+        network_def=PASS_THROUGH,
+        save_predictions=True,
+    )
     rows, summary = _read_report(out)
     assert "BraTS" in summary["definitions"]["hd95"]
     for row, item, truth in zip(rows, items, truths):
@@ -264,21 +271,35 @@ def test_every_metric_scores_the_written_label_map_and_empty_regions_score_as_in
     assert summary["metrics"]["dice"]["enhancing_tumor"]["mean"] == pytest.approx(0.5)
 
 
-LESION_COLUMNS = ["lesion_dice", "lesion_hd95", "lesion_dice_matched", "lesion_hd95_matched", "lesion_tp", "lesion_fp",
-                  "lesion_fn"]
+LESION_COLUMNS = [
+    "lesion_dice",
+    "lesion_hd95",
+    "lesion_dice_matched",
+    "lesion_hd95_matched",
+    "lesion_tp",
+    "lesion_fp",
+    "lesion_fn",
+]
 
 
 def _official_brats_evaluator():
     """``panoptica`` set up as the official BraTS evaluation package's glioma config, for this bundle's label values."""
-    from panoptica import (ConnectedComponentsInstanceApproximator, InputType, MaxBipartiteMatching, Metric,
-                           Panoptica_Evaluator)
+    from panoptica import (
+        ConnectedComponentsInstanceApproximator,
+        InputType,
+        MaxBipartiteMatching,
+        Metric,
+        Panoptica_Evaluator,
+    )
     from panoptica.utils.edge_case_handling import EdgeCaseHandler, EdgeCaseResult, MetricZeroTPEdgeCaseHandling
     from panoptica.utils.label_group import LabelGroup, LabelMergeGroup
     from panoptica.utils.segmentation_class import SegmentationClassGroups
 
     groups = {"wt": LabelMergeGroup([1, 2, 4]), "tc": LabelMergeGroup([1, 4]), "et": LabelGroup([4])}
-    zero_tp = {metric: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN, default_result=result)
-               for metric, result in ((Metric.DSC, EdgeCaseResult.ZERO), (Metric.HD95, EdgeCaseResult.INF))}
+    zero_tp = {
+        metric: MetricZeroTPEdgeCaseHandling(no_instances_result=EdgeCaseResult.NAN, default_result=result)
+        for metric, result in ((Metric.DSC, EdgeCaseResult.ZERO), (Metric.HD95, EdgeCaseResult.INF))
+    }
     return Panoptica_Evaluator(
         edge_case_handler=EdgeCaseHandler(listmetric_zeroTP_handling=zero_tp),
         expected_input=InputType.SEMANTIC,
@@ -315,9 +336,16 @@ def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_
         items.append(_write_case(data, f"Case_{index}", label, predicted))
     (tmp_path / "datalist.json").write_text(json.dumps({"validation": items}))
     out = tmp_path / "eval"
-    _evaluate([INFERENCE, EVALUATE], _pass_through_root(tmp_path), out, dataset_dir=str(data),
-              data_list_file_path=str(tmp_path / "datalist.json"), network_def=PASS_THROUGH, save_predictions=True,
-              lesion_wise=True)
+    _evaluate(
+        [INFERENCE, EVALUATE],
+        _pass_through_root(tmp_path),
+        out,
+        dataset_dir=str(data),
+        data_list_file_path=str(tmp_path / "datalist.json"),
+        network_def=PASS_THROUGH,
+        save_predictions=True,
+        lesion_wise=True,
+    )
     rows, summary = _read_report(out)
     assert list(rows[0]) == ["case"] + [f"{m}_{r}" for m in METRICS + LESION_COLUMNS for r in REGIONS]
     assert "panoptica" in summary["definitions"]["lesion"]
@@ -331,8 +359,9 @@ def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_
         # panoptica 2.1.7 computes the global HD95 on the voxel grid; its per-lesion HD95 and the challenge's
         # definition use the voxel size, so the global one is checked with panoptica's metric given the spacing
         spacing = nib.load(str(reference)).header.get_zooms()
-        regions = zip(_regions(np.asarray(nib.load(str(written)).dataobj)),
-                      _regions(np.asarray(nib.load(str(reference)).dataobj)))
+        regions = zip(
+            _regions(np.asarray(nib.load(str(written)).dataobj)), _regions(np.asarray(nib.load(str(reference)).dataobj))
+        )
         for region, group, (pred, truth) in zip(REGIONS, ["wt", "tc", "et"], regions):
             result = results[group]
             assert float(row[f"dice_{region}"]) == pytest.approx(result.global_bin_dsc, abs=1e-4)
@@ -344,6 +373,8 @@ def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_
             assert float(row[f"lesion_hd95_matched_{region}"]) == pytest.approx(result.sq_hd95, abs=1e-4)
     case_0 = rows[0]
     assert [case_0[f"lesion_{c}_whole_tumor"] for c in ("tp", "fp", "fn")] == ["1.0", "1.0", "1.0"]
-    assert float(case_0["lesion_dice_whole_tumor"]) == pytest.approx(float(case_0["lesion_dice_matched_whole_tumor"]) / 3)
+    assert float(case_0["lesion_dice_whole_tumor"]) == pytest.approx(
+        float(case_0["lesion_dice_matched_whole_tumor"]) / 3
+    )
     assert float(case_0["lesion_dice_whole_tumor"]) < float(case_0["dice_whole_tumor"]) - 0.4
     assert float(rows[1]["lesion_dice_whole_tumor"]) == 1.0 and float(rows[1]["lesion_hd95_whole_tumor"]) == 0.0

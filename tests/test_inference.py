@@ -12,15 +12,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, stack_to_4d
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.data import ITKWriter, NibabelWriter
 
-from bundle.intensity import ForegroundNormalized, head_mask
 from bundle.constants import MODALITIES, MSD_MODALITIES
 from bundle.datalist import inference_datalist
 from bundle.demo import make_demo_dataset
-from helpers import ROOT, stack_to_4d
+from bundle.intensity import ForegroundNormalized, head_mask
 
 INFERENCE = str(ROOT / "configs" / "inference.json")
 SHAPE = (40, 37, 24)  # 37 pads to 48 unevenly (5 + 6), like 155 BraTS slices would
@@ -141,7 +141,9 @@ def test_label_maps_come_back_in_the_input_geometry(tmp_path, demo_dir, bundle_r
 def test_threshold_key_and_crop_box(tmp_path, demo_dir, bundle_root):
     # every sigmoid output is >= 1e-6 here: each region fills exactly the processed crop, so the label is 4 there
     out = tmp_path / "out"
-    _infer(bundle_root, demo_dir, out, spatial_fit="crop", threshold=1e-6, crop_foreground=False, head_guard=False, **CROP)
+    _infer(
+        bundle_root, demo_dir, out, spatial_fit="crop", threshold=1e-6, crop_foreground=False, head_guard=False, **CROP
+    )
     label = np.asarray(nib.load(str(out / "Demo_000_seg.nii.gz")).dataobj)
     expected = np.zeros(SHAPE, np.uint8)
     # first crop 40x37x24 -> 31x29x15 starts at (5, 4, 5); second 31x29 -> 24x21 at (3, 4): (8, 8, 5) in all
@@ -167,7 +169,9 @@ def _in_air(demo_dir, case, folder, frame=(200, 180, 32), offset=(120, 20, 5), b
     return folder
 
 
-def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background_outside(tmp_path, demo_dir, bundle_root):
+def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background_outside(
+    tmp_path, demo_dir, bundle_root
+):
     data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
     _infer(bundle_root, data, tmp_path / "full", crop_foreground=False, head_guard=False)
     _infer(bundle_root, data, tmp_path / "cropped", foreground_margin=RECEPTIVE_RADIUS, head_guard=False)

@@ -75,11 +75,11 @@ def test_reuse_memory_applies_on_linux_and_can_be_turned_off():
 def test_inference_with_and_without_reuse_memory_writes_the_same_label_map(tmp_path):
     import nibabel as nib
     import numpy as np
+    from helpers import ROOT, TINY
     from monai.bundle import ConfigParser
     from monai.bundle.scripts import run
 
     from bundle.demo import make_demo_dataset
-    from helpers import ROOT, TINY
 
     make_demo_dataset(str(tmp_path / "data"), num_cases=1, shape=(40, 40, 24), seed=4)
     parser = ConfigParser()

@@ -5,13 +5,13 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, NormalizeIntensity
 
 from bundle.demo import make_demo_dataset
-from bundle.phantom import make_demo_case
 from bundle.intensity import ForegroundNormalized, head_mask
-from helpers import ROOT
+from bundle.phantom import make_demo_case
 
 SHAPE = (64, 64, 40)
 CHANNELS = ("t1c", "t2", "flair")

@@ -1,4 +1,5 @@
-"""The 2D RGB skin-lesion setting of the SegAN ISIC re-implementation report (ISIC 2017): its layout is found, and SegAN trains on RGB images
+"""The 2D RGB skin-lesion setting of the SegAN ISIC re-implementation report (ISIC 2017): its layout is found, and
+SegAN trains on RGB images
 and writes one PNG mask per image at the image's original size."""
 
 import os
@@ -16,8 +17,9 @@ def _save(path, array):
     Image.fromarray(array).save(path)
 
 
-def _isic_tree(root, splits={"Training": 3, "Validation": 1, "Test_v2": 1}, size=(20, 28)):
+def _isic_tree(root, splits=None, size=(20, 28)):
     """ISIC 2017 as released (the test set as ``Test_v2``), with its superpixel images and metadata file."""
+    splits = splits or {"Training": 3, "Validation": 1, "Test_v2": 1}
     rng = np.random.default_rng(0)
     for split, n in splits.items():
         for i in range(n):
@@ -41,7 +43,9 @@ def test_isic_2017_layout_gives_its_own_training_validation_and_test_sets(tmp_pa
     # inference on the dataset root segments the test images; on an image folder, every image but superpixels
     assert [i["case"] for i in inference_datalist(tmp_path)] == ["ISIC_Te00000"]
     assert [i["case"] for i in inference_datalist(tmp_path / "ISIC-2017_Training_Data")] == [
-        "ISIC_Tr00000", "ISIC_Tr00001", "ISIC_Tr00002"
+        "ISIC_Tr00000",
+        "ISIC_Tr00001",
+        "ISIC_Tr00002",
     ]
 
 
@@ -77,9 +81,8 @@ def test_lesion_demo_is_written_in_the_isic_layout(tmp_path):
 
 @pytest.mark.slow
 def test_2d_rgb_training_writes_a_model_and_png_masks_at_each_images_size(tmp_path):
-    from monai.bundle.scripts import run
-
     from helpers import ROOT
+    from monai.bundle.scripts import run
 
     data = make_lesion_dataset(tmp_path / "data", num_images=(4, 1, 2), seed=1)
     configs = lambda *names: [str(ROOT / "configs" / f"{n}.json") for n in names]  # noqa: E731
@@ -98,8 +101,14 @@ def test_2d_rgb_training_writes_a_model_and_png_masks_at_each_images_size(tmp_pa
     assert (tmp_path / "models" / "model.pt").is_file()
 
     out = tmp_path / "masks"
-    run(config_file=configs("inference", "isic_inference"), bundle_root=str(tmp_path), dataset_dir=data,
-        output_dir=str(out), progress=False, **tiny)
+    run(
+        config_file=configs("inference", "isic_inference"),
+        bundle_root=str(tmp_path),
+        dataset_dir=data,
+        output_dir=str(out),
+        progress=False,
+        **tiny,
+    )
     test_images = sorted((tmp_path / "data" / "ISIC-2017_Test_Data").iterdir())
     assert sorted(os.listdir(out)) == [f"{p.stem}_segmentation.png" for p in test_images]
     for image in test_images:

@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from monai.bundle import ConfigParser
 
 from bundle.lesionwise import LESION_QUANTITIES, lesion_evaluator, lesion_wise_scores
 from bundle.metrics import BRATS_EMPTY_HD95, brats_hd95
-from helpers import ROOT
 
 CONFIGS = [str(ROOT / "configs" / name) for name in ("inference.json", "evaluate.json")]
 

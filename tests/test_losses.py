@@ -15,7 +15,9 @@ def test_multi_scale_loss_averages_the_mean_absolute_error_of_every_layer():
     assert loss.item() == pytest.approx((0.5 + 4 / 3) / 2)
 
 
-@pytest.mark.parametrize("layers, expected", [("first", 0.5), ("last", 4 / 3), ([1], 4 / 3), ([0, 1], (0.5 + 4 / 3) / 2)])
+@pytest.mark.parametrize(
+    "layers, expected", [("first", 0.5), ("last", 4 / 3), ([1], 4 / 3), ([0, 1], (0.5 + 4 / 3) / 2)]
+)
 def test_layer_selection_gives_the_single_scale_ablations(layers, expected):
     assert MultiScaleL1Loss(layers)([F], [G]).item() == pytest.approx(expected)
 

@@ -117,9 +117,8 @@ def test_a_quantised_cache_refuses_a_sampler_that_cannot_restore_it():
 
 
 def _parser(data, **overrides):
-    from monai.bundle import ConfigParser
-
     from helpers import ROOT
+    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))

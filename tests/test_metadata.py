@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
 from bundle.checkpoints import write_recipe
 from bundle.constants import REGION_LABEL_PRESETS, label_channel_def
 from bundle.networks import SegANSegmentor
 from bundle.transforms import RegionsToLabeld
-from helpers import ROOT
 
 META = ROOT / "configs" / "metadata.json"
 INFERENCE = ROOT / "configs" / "inference.json"
@@ -51,7 +51,11 @@ def test_network_matches_the_declared_inputs_and_outputs(tmp_path, features):
         torch.save(SegANSegmentor(features=features).state_dict(), tmp_path / "models" / "model.pt")
         write_recipe(str(tmp_path / "models" / "model.pt"), {"features": features})
     verify_net_in_out(
-        net_id="network_def", meta_file=str(META), config_file=str(INFERENCE), device="cpu", n=2,
+        net_id="network_def",
+        meta_file=str(META),
+        config_file=str(INFERENCE),
+        device="cpu",
+        n=2,
         bundle_root=str(tmp_path),
     )
 

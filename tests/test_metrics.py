@@ -21,8 +21,8 @@ from monai.handlers import ConfusionMatrix, HausdorffDistance, MeanDice, MeanIoU
 from monai.transforms import AsDiscreted
 
 from bundle.figures import OverlayFigure
-from bundle.reports import SegmentationReport
 from bundle.metrics import ComponentCount, ComponentCountMetric, count_components
+from bundle.reports import SegmentationReport
 
 REGIONS = ["whole_tumor", "tumor_core", "enhancing_tumor"]
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from bundle.engines import ADVERSARIAL_LOSS
-from bundle.moeskops import DISCRIMINATOR_LOSS, MoeskopsTrainer
-from bundle.moeskops import MoeskopsDilatedNet, MoeskopsDiscriminator, MoeskopsFCN
+from bundle.moeskops import DISCRIMINATOR_LOSS, MoeskopsDilatedNet, MoeskopsDiscriminator, MoeskopsFCN, MoeskopsTrainer
 
 
 def _conv_parameters(network):
@@ -83,7 +82,9 @@ def _trainer(seg_lr=1e-2, disc_lr=1e-2, n=6, log=None, **kwargs):
 
     if log is not None:
         disc.register_forward_pre_hook(
-            lambda m, args: log.append(("manual" if set(args[1].unique().tolist()) <= {0.0, 1.0} else "generated", len(args[0])))
+            lambda m, args: log.append(
+                ("manual" if set(args[1].unique().tolist()) <= {0.0, 1.0} else "generated", len(args[0]))
+            )
         )
     return MoeskopsTrainer(
         device="cpu",
@@ -103,8 +104,11 @@ def test_updates_alternate_ls_ld_la_each_on_a_third_of_the_batch_with_their_own_
     trainer.run()
     assert log == [
         "segmenter.step",  # Ls
-        ("manual", 2), "discriminator.step",  # Ld: the discriminator on manual segmentations
-        ("generated", 2), "segmenter.step", "discriminator.step",  # La: both networks, on generated ones
+        ("manual", 2),
+        "discriminator.step",  # Ld: the discriminator on manual segmentations
+        ("generated", 2),
+        "segmenter.step",
+        "discriminator.step",  # La: both networks, on generated ones
     ]
     out = trainer.state.output
     assert out["pred"].shape == out["label"].shape == (2, CLASSES, 25, 25)
@@ -126,7 +130,8 @@ def test_la_moves_the_segmenter_up_the_discriminators_loss():
     # 8 patches per update, as BatchNorm over 2 samples would leave almost no gradient
     trainer = _trainer(seg_lr=1e-2, disc_lr=0.0, n=24, loss_function=lambda logits, label: logits.sum() * 0.0)
     batch = _batch(24)
-    trainer.network.train(), trainer.discriminator.train()
+    trainer.network.train()
+    trainer.discriminator.train()
     before = _generated_loss(trainer, batch)
     trainer.run()
     assert _generated_loss(trainer, batch) > before + 1e-3
@@ -134,9 +139,12 @@ def test_la_moves_the_segmenter_up_the_discriminators_loss():
 
 def test_without_the_reversal_the_segmenter_would_descend():
     """The counter-check: a negative adversarial weight turns the ascent into a descent."""
-    trainer = _trainer(seg_lr=1e-2, disc_lr=0.0, n=24, adversarial_weight=-1.0, loss_function=lambda logits, label: logits.sum() * 0.0)
+    trainer = _trainer(
+        seg_lr=1e-2, disc_lr=0.0, n=24, adversarial_weight=-1.0, loss_function=lambda logits, label: logits.sum() * 0.0
+    )
     batch = _batch(24)
-    trainer.network.train(), trainer.discriminator.train()
+    trainer.network.train()
+    trainer.discriminator.train()
     before = _generated_loss(trainer, batch)
     trainer.run()
     assert _generated_loss(trainer, batch) < before - 1e-3

@@ -8,11 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.demo import make_demo_dataset
-from helpers import ROOT, TINY
 
 CONFIGS = os.path.join(ROOT, "configs")
 SHAPE = (40, 37, 24)  # 37 pads unevenly, so a misplaced inverse pad would show

@@ -17,15 +17,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, stack_to_4d
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
+from bundle.checkpoints import write_recipe
 from bundle.constants import MSD_MODALITIES
 from bundle.demo import make_demo_dataset
-from bundle.checkpoints import write_recipe
 from bundle.networks import SegANSegmentor
-from helpers import ROOT, stack_to_4d
 
 FEATURES = (4, 8, 16, 32)  # not the paper's: the configs must build what models/model.pt holds
 SUFFIX = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
@@ -40,7 +40,9 @@ def app_bundle(tmp_path_factory):
     (root / "models").mkdir()
     torch.manual_seed(1)
     torch.save(SegANSegmentor(features=FEATURES).state_dict(), root / "models" / "model.pt")
-    write_recipe(str(root / "models" / "model.pt"), {"features": list(FEATURES), "skip": "cat"})  # as training leaves it
+    write_recipe(
+        str(root / "models" / "model.pt"), {"features": list(FEATURES), "skip": "cat"}
+    )  # as training leaves it
     return root
 
 
@@ -89,8 +91,14 @@ def test_served_label_map_equals_the_bundle_inference(app_bundle, studies, tmp_p
     post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
     inferer = parser.get_parsed_content("inferer")
 
-    run(config_file=str(app_bundle / "configs" / "inference.json"), bundle_root=str(app_bundle),
-        dataset_dir=str(studies[0]["image"]), output_dir=str(tmp_path), num_workers=0, progress=False)
+    run(
+        config_file=str(app_bundle / "configs" / "inference.json"),
+        bundle_root=str(app_bundle),
+        dataset_dir=str(studies[0]["image"]),
+        output_dir=str(tmp_path),
+        num_workers=0,
+        progress=False,
+    )
     own = nib.load(str(tmp_path / "Demo_000_seg.nii.gz"))
 
     data = Compose(pre)({"image": studies[0]["image"]})
@@ -112,18 +120,29 @@ def test_training_with_monailabel_overrides_writes_a_model_it_can_serve(app_bund
     before = torch.load(model, weights_only=True)
     parser = _label_server_parser(bundle_root, "train.json")
     handlers = parser.get("train#handlers")
-    handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(model),
-                        "load_dict": {"model": "$@network"}, "strict": False})
+    handlers.insert(
+        0,
+        {"_target_": "CheckpointLoader", "load_path": str(model), "load_dict": {"model": "$@network"}, "strict": False},
+    )
     sys.path.insert(0, str(bundle_root))
     try:
         run(
-            run_id="run", init_id=None, final_id=None,
+            run_id="run",
+            init_id=None,
+            final_id=None,
             meta_file=str(bundle_root / "configs" / "metadata.json"),
             config_file=str(bundle_root / "configs" / "train.json"),
             bundle_root=str(bundle_root),
-            **{"train#trainer#max_epochs": 1, "train#dataset#data": studies[:1], "validate#dataset#data": studies[1:],
-               "device": "cpu", "train#handlers": handlers},
-            num_workers=0, slices_per_volume=2, volumes_per_batch=1,  # speed only: MONAI Label sets none of these
+            **{
+                "train#trainer#max_epochs": 1,
+                "train#dataset#data": studies[:1],
+                "validate#dataset#data": studies[1:],
+                "device": "cpu",
+                "train#handlers": handlers,
+            },
+            num_workers=0,
+            slices_per_volume=2,
+            volumes_per_batch=1,  # speed only: MONAI Label sets none of these
         )
     finally:
         sys.path.remove(str(bundle_root))

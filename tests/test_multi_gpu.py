@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, TINY
 
 from bundle.demo import make_demo_dataset
-from helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # trains under torchrun: two ranks in subprocesses
 

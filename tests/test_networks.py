@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import ROOT
 from torch import nn
 
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import SegANCritic, SegANCritics, SegANSegmentor, critic_view, mask_image
-from helpers import ROOT
 
 SMALL = (4, 8, 16, 32)
 

@@ -5,11 +5,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import onnx_export, run
 
 from bundle.demo import make_demo_dataset
-from helpers import ROOT
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -36,9 +36,15 @@ def root(tmp_path_factory):
     (root / "models").mkdir()
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
     onnx_export(
-        net_id="network_def", filepath=str(root / "models" / "model.onnx"), ckpt_file=str(root / "models" / "model.pt"),
-        meta_file=str(ROOT / "configs" / "metadata.json"), config_file=INFERENCE, use_trace=True,
-        input_shape=[1, 3, 64, 64], converter_kwargs=CONVERTER, features=FEATURES,
+        net_id="network_def",
+        filepath=str(root / "models" / "model.onnx"),
+        ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        config_file=INFERENCE,
+        use_trace=True,
+        input_shape=[1, 3, 64, 64],
+        converter_kwargs=CONVERTER,
+        features=FEATURES,
     )
     return root
 
@@ -64,8 +70,14 @@ def test_the_onnxruntime_backend_writes_the_pytorch_label_map(root, tmp_path):
     maps = {}
     for backend in ("pytorch", "onnxruntime"):
         run(
-            config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(root / "data"),
-            output_dir=str(tmp_path / backend), backend=backend, features=FEATURES, num_workers=0, progress=False,
+            config_file=INFERENCE,
+            bundle_root=str(root),
+            dataset_dir=str(root / "data"),
+            output_dir=str(tmp_path / backend),
+            backend=backend,
+            features=FEATURES,
+            num_workers=0,
+            progress=False,
         )
         maps[backend] = np.asarray(nib.load(str(tmp_path / backend / "Demo_000_seg.nii.gz")).dataobj)
     assert maps["pytorch"].any()
@@ -75,8 +87,14 @@ def test_the_onnxruntime_backend_writes_the_pytorch_label_map(root, tmp_path):
 def test_a_missing_onnx_model_says_how_to_export_it(root, tmp_path):
     with pytest.raises(Exception) as error:
         run(
-            config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(root / "data"), output_dir=str(tmp_path),
-            backend="onnxruntime", onnx_path=str(tmp_path / "none.onnx"), features=FEATURES, num_workers=0,
+            config_file=INFERENCE,
+            bundle_root=str(root),
+            dataset_dir=str(root / "data"),
+            output_dir=str(tmp_path),
+            backend="onnxruntime",
+            onnx_path=str(tmp_path / "none.onnx"),
+            features=FEATURES,
+            num_workers=0,
         )
     text = []
     e = error.value

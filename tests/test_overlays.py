@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
-
 from helpers import ROOT, TINY
+from monai.bundle import ConfigParser
 
 CONFIGS = ROOT / "configs"
 TRAIN = str(CONFIGS / "train.json")
@@ -114,7 +113,10 @@ def test_moeskops_la_updates_the_segmenter_at_the_discriminator_loss_rate():
     (Ld and La); ``adversarial_learning_rate`` set to ``@learning_rate`` gives the other reading."""
     parser = _parser(OVERLAYS["moeskops/adversarial.json"], **TINY)
     trainer_def = parser.get_parsed_content("train#trainer_def")
-    rates = {name: trainer_def.keywords[name].param_groups[0]["lr"] for name in ("adversarial_optimizer", "discriminator_optimizer")}
+    rates = {
+        name: trainer_def.keywords[name].param_groups[0]["lr"]
+        for name in ("adversarial_optimizer", "discriminator_optimizer")
+    }
     assert rates == {"adversarial_optimizer": 1e-5, "discriminator_optimizer": 1e-5}
     assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 1e-3
     assert parser["train#state"]["adversarial_optimizer"] == "@adversarial_optimizer"  # saved and resumed

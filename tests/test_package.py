@@ -8,8 +8,8 @@ read the segmentor's widths from ``models/model.pt``, so none of this needs a ``
 
 import functools
 import hashlib
-import json
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, load_script
 
 from bundle import __version__
-from bundle.demo import make_demo_dataset
 from bundle.checkpoints import write_recipe
+from bundle.demo import make_demo_dataset
 from bundle.networks import SegANSegmentor
-
-from helpers import ROOT, load_script
 
 package_bundle = load_script("package_bundle")
 
@@ -95,9 +94,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packaged(source_bundle, server, tmp_path_factory):
     folder, url = server
-    zip_path = Path(package_bundle.main(
-        output_dir=str(folder), bundle_root=str(source_bundle), base_url=f"{url}/weights"
-    ))
+    zip_path = Path(
+        package_bundle.main(output_dir=str(folder), bundle_root=str(source_bundle), base_url=f"{url}/weights")
+    )
     (folder / "weights").mkdir()
     shutil.copy(source_bundle / "models" / "model.pt", folder / "weights" / "model.pt")
     return zip_path
@@ -108,18 +107,27 @@ def test_zip_holds_one_folder_with_configs_models_docs_code_and_license_only(pac
     names = zipfile.ZipFile(packaged).namelist()
     assert {n.split("/")[0] for n in names} == {"segan"}
     assert {n.split("/")[1] for n in names} == {"configs", "models", "docs", "bundle", "LICENSE", "large_files.yml"}
-    for needed in ("configs/inference.json", "configs/metadata.json", "bundle/networks.py", "models/model.pt",
-                   "docs/README.md", "docs/data_license.txt"):
+    for needed in (
+        "configs/inference.json",
+        "configs/metadata.json",
+        "bundle/networks.py",
+        "models/model.pt",
+        "docs/README.md",
+        "docs/data_license.txt",
+    ):
         assert f"segan/{needed}" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "datalist_" in n]
 
 
 def test_zip_is_reproducible_and_its_sha256_is_printed(packaged, source_bundle, tmp_path, capsys):
-    again = Path(package_bundle.main(output_dir=str(tmp_path), bundle_root=str(source_bundle), base_url="http://x/weights"))
+    again = Path(
+        package_bundle.main(output_dir=str(tmp_path), bundle_root=str(source_bundle), base_url="http://x/weights")
+    )
     digest = hashlib.sha256(again.read_bytes()).hexdigest()
     assert f"sha256 {digest}  {again.name}" in capsys.readouterr().out
-    rebuilt = Path(package_bundle.main(output_dir=str(tmp_path / "b"), bundle_root=str(source_bundle),
-                                       base_url="http://x/weights"))
+    rebuilt = Path(
+        package_bundle.main(output_dir=str(tmp_path / "b"), bundle_root=str(source_bundle), base_url="http://x/weights")
+    )
     assert hashlib.sha256(rebuilt.read_bytes()).hexdigest() == digest
 
 
@@ -135,10 +143,21 @@ def test_the_zip_ships_the_recipe_and_metadata_describing_its_weights(packaged, 
     shutil.copytree(source_bundle, custom)
     model = custom / "models" / "model.pt"
     torch.save(SegANSegmentor(in_channels=1, out_channels=2, features=FEATURES).state_dict(), model)
-    write_recipe(str(model), {"features": list(FEATURES), "skip": "cat", "modalities": ["mri"],
-                              "regions": {"gm": [1], "wm": [2]}, "region_labels": [1, 2]})
-    formats = json.loads(zipfile.ZipFile(package_bundle.main(output_dir=str(tmp_path / "dist"), bundle_root=str(custom)))
-                         .read("segan/configs/metadata.json"))["network_data_format"]
+    write_recipe(
+        str(model),
+        {
+            "features": list(FEATURES),
+            "skip": "cat",
+            "modalities": ["mri"],
+            "regions": {"gm": [1], "wm": [2]},
+            "region_labels": [1, 2],
+        },
+    )
+    formats = json.loads(
+        zipfile.ZipFile(package_bundle.main(output_dir=str(tmp_path / "dist"), bundle_root=str(custom))).read(
+            "segan/configs/metadata.json"
+        )
+    )["network_data_format"]
     assert formats["inputs"]["image"]["channel_def"] == {"0": "mri"}
     assert formats["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "gm", "2": "wm"}
 
@@ -165,15 +184,39 @@ def test_downloaded_zip_runs_inference_from_another_folder(packaged, server, tmp
     _, url = server
     bundles, elsewhere, data, out = (tmp_path / d for d in ("bundles", "elsewhere", "data", "predictions"))
     elsewhere.mkdir()
-    got = _python(RUN_MONAI_BUNDLE, "download", "--name", "segan", "--url", f"{url}/{packaged.name}",
-                  "--bundle_dir", bundles, cwd=elsewhere)
+    got = _python(
+        RUN_MONAI_BUNDLE,
+        "download",
+        "--name",
+        "segan",
+        "--url",
+        f"{url}/{packaged.name}",
+        "--bundle_dir",
+        bundles,
+        cwd=elsewhere,
+    )
     assert got.returncode == 0, got.stderr[-3000:]
-    assert (bundles / "segan" / "models" / "model.pt").read_bytes() == (packaged.parent / "weights" / "model.pt").read_bytes()
+    assert (bundles / "segan" / "models" / "model.pt").read_bytes() == (
+        packaged.parent / "weights" / "model.pt"
+    ).read_bytes()
 
     make_demo_dataset(str(data), num_cases=2, shape=(40, 40, 24), seed=2)
     # no --bundle_root, no --features: the config finds its bundle and the widths of the weights it ships
-    got = _python(RUN_MONAI_BUNDLE, "run", "--config_file", bundles / "segan" / "configs" / "inference.json",
-                  "--dataset_dir", data, "--output_dir", out, "--num_workers", "0", "--progress", "false", cwd=elsewhere)
+    got = _python(
+        RUN_MONAI_BUNDLE,
+        "run",
+        "--config_file",
+        bundles / "segan" / "configs" / "inference.json",
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--num_workers",
+        "0",
+        "--progress",
+        "false",
+        cwd=elsewhere,
+    )
     assert got.returncode == 0, got.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["Demo_000_seg.nii.gz", "Demo_001_seg.nii.gz"]
 
@@ -198,8 +241,9 @@ def test_monai_bundle_load_returns_the_trained_segmentor_with_every_tensor(packa
         archive.extractall(tmp_path / "bundles")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    got = _python(LOAD, tmp_path / "bundles", "segan", tmp_path / "bundles" / "segan" / "models" / "model.pt",
-                  cwd=elsewhere)
+    got = _python(
+        LOAD, tmp_path / "bundles", "segan", tmp_path / "bundles" / "segan" / "models" / "model.pt", cwd=elsewhere
+    )
     assert got.returncode == 0, got.stderr[-3000:]
     assert "loaded 40 of 40 tensors" in got.stdout
 

@@ -88,8 +88,11 @@ def with_weights(source_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def without_weights(source_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_without")
-    return Path(package_bundle.main(output_dir=str(out), bundle_root=str(source_bundle), layout="huggingface",
-                                    include_weights="false"))  # as fire passes `--include_weights false`
+    return Path(
+        package_bundle.main(
+            output_dir=str(out), bundle_root=str(source_bundle), layout="huggingface", include_weights="false"
+        )
+    )  # as fire passes `--include_weights false`
 
 
 def _front_matter(readme: Path) -> tuple[dict, str]:
@@ -107,10 +110,19 @@ def test_the_folder_holds_the_bundle_files_the_model_card_and_the_zoo_metadata(w
     assert with_weights.name == "segan"
     assert {p.name for p in with_weights.iterdir()} == TOP_LEVEL
     files = _files(with_weights)
-    for needed in ("configs/inference.json", "configs/metadata.json", "bundle/networks.py", "models/model.pt",
-                   "models/model_recipe.json", "docs/README.md", "docs/data_license.txt"):
+    for needed in (
+        "configs/inference.json",
+        "configs/metadata.json",
+        "bundle/networks.py",
+        "models/model.pt",
+        "models/model_recipe.json",
+        "docs/README.md",
+        "docs/data_license.txt",
+    ):
         assert needed in files
-    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "datalist_" in f or f.startswith("eval")]
+    assert not [
+        f for f in files if "__pycache__" in f or f.endswith(".pyc") or "datalist_" in f or f.startswith("eval")
+    ]
     assert (with_weights / "models" / "model.pt").read_bytes() == (source_bundle / "models" / "model.pt").read_bytes()
 
     # the same files as the zip, with the card and the top-level metadata added
@@ -163,8 +175,15 @@ def test_without_weights_large_files_yml_lists_each_with_its_sha256(without_weig
 
 
 def test_a_base_url_fills_in_the_urls(source_bundle, tmp_path):
-    folder = Path(package_bundle.main(output_dir=str(tmp_path), bundle_root=str(source_bundle), layout="huggingface",
-                                      include_weights=False, base_url="https://example.org/segan/"))
+    folder = Path(
+        package_bundle.main(
+            output_dir=str(tmp_path),
+            bundle_root=str(source_bundle),
+            layout="huggingface",
+            include_weights=False,
+            base_url="https://example.org/segan/",
+        )
+    )
     listing = yaml.safe_load((folder / "large_files.yml").read_text())["large_files"]
     assert listing[0]["url"] == "https://example.org/segan/model.pt"
 
@@ -199,8 +218,13 @@ def test_monai_alone_builds_and_loads_the_downloaded_folders(with_weights, witho
         assert check_hash(str(fetched / entry["path"]), entry["hash_val"], entry["hash_type"])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    got = subprocess.run([sys.executable, "-c", LOAD_FOLDERS, str(with_weights), str(fetched)],
-                         cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    got = subprocess.run(
+        [sys.executable, "-c", LOAD_FOLDERS, str(with_weights), str(fetched)],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert got.returncode == 0, got.stderr[-3000:]
     for folder in (with_weights, fetched):
         assert f"{folder} network_def SegANSegmentor {FEATURES}" in got.stdout

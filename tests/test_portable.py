@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers import ROOT, TINY as TINY_SETTINGS
+from helpers import ROOT
+from helpers import TINY as TINY_SETTINGS
 
 pytestmark = pytest.mark.slow  # trains and infers through `python -m monai.bundle` subprocesses
 
@@ -39,12 +39,21 @@ def test_unpacked_bundle_trains_and_infers_from_another_folder(tmp_path, demo_di
     elsewhere.mkdir()
     common = ["--bundle_root", str(bundle_root), "--dataset_dir", str(data)]
 
-    _bundle("run", "training", "--config_file", str(bundle_root / "configs" / "train.json"), *common, *TINY, cwd=elsewhere)
+    _bundle(
+        "run", "training", "--config_file", str(bundle_root / "configs" / "train.json"), *common, *TINY, cwd=elsewhere
+    )
     assert (bundle_root / "models" / "model.pt").is_file()
 
     _bundle(
-        "run", "--config_file", str(bundle_root / "configs" / "inference.json"), *common,
-        "--features", "[4,8,16,32]", "--progress", "false", cwd=elsewhere,
+        "run",
+        "--config_file",
+        str(bundle_root / "configs" / "inference.json"),
+        *common,
+        "--features",
+        "[4,8,16,32]",
+        "--progress",
+        "false",
+        cwd=elsewhere,
     )
     predictions = sorted(f for f in os.listdir(bundle_root / "eval") if f.endswith("_seg.nii.gz"))
     assert predictions == [f"Demo_00{i}_seg.nii.gz" for i in range(4)]

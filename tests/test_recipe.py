@@ -4,11 +4,11 @@ trained for; inference and evaluation take their defaults from the record and re
 import json
 
 import pytest
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import check_recipe, read_recipe, recipe_path, write_recipe
-from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
@@ -19,8 +19,13 @@ def trained(tmp_path_factory, demo_dir):
     """A bundle root after a tiny training with non-default settings, and its data."""
     root = tmp_path_factory.mktemp("bundle")
     data = demo_dir
-    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(data),
-        **{**TINY, "max_epochs": 1, "skip": "add", "modalities": ["t2", "flair"]})
+    run(
+        "training",
+        config_file=TRAIN,
+        bundle_root=str(root),
+        dataset_dir=str(data),
+        **{**TINY, "max_epochs": 1, "skip": "add", "modalities": ["t2", "flair"]},
+    )
     return root, data
 
 
@@ -42,8 +47,14 @@ def test_inference_builds_the_recorded_network_with_no_override(trained, tmp_pat
     parser.update({"bundle_root": str(root)})
     assert parser.get_parsed_content("features") == TINY["features"]
     assert parser.get_parsed_content("modalities") == ["t2", "flair"]
-    run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
-        num_workers=0, progress=False)
+    run(
+        config_file=INFERENCE,
+        bundle_root=str(root),
+        dataset_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        num_workers=0,
+        progress=False,
+    )
     assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 4
 
 
@@ -51,10 +62,20 @@ def test_inference_builds_the_recorded_network_with_no_override(trained, tmp_pat
 def test_an_override_that_contradicts_the_recipe_names_the_setting_and_both_values(trained, tmp_path):
     root, data = trained
     with pytest.raises(Exception) as error:
-        run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
-            num_workers=0, progress=False, modalities=["t1c", "t2", "flair"])
+        run(
+            config_file=INFERENCE,
+            bundle_root=str(root),
+            dataset_dir=str(data),
+            output_dir=str(tmp_path / "out"),
+            num_workers=0,
+            progress=False,
+            modalities=["t1c", "t2", "flair"],
+        )
     text = str(error.value) + str(error.value.__cause__)
-    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in text and "trained with modalities ['t2', 'flair']" in text
+    assert (
+        "`modalities` is ['t1c', 't2', 'flair'] in this run" in text
+        and "trained with modalities ['t2', 'flair']" in text
+    )
 
 
 def test_recipe_helpers(tmp_path):
@@ -88,9 +109,18 @@ def test_a_training_state_given_as_weights_is_named_with_what_to_use_instead(tra
     state = root / "checkpoints" / "training_state.pt"
     assert state.is_file()
     with pytest.raises(Exception) as error:
-        run(config_file=INFERENCE, bundle_root=str(root), dataset_dir=str(data), output_dir=str(tmp_path / "out"),
-            ckpt_path=str(state), num_workers=0, progress=False)
-    text = "".join(str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None)))
+        run(
+            config_file=INFERENCE,
+            bundle_root=str(root),
+            dataset_dir=str(data),
+            output_dir=str(tmp_path / "out"),
+            ckpt_path=str(state),
+            num_workers=0,
+            progress=False,
+        )
+    text = "".join(
+        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None))
+    )
     assert f"'{state}' is a training state" in text
     assert "models/model.pt" in text and "--resume true" in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -133,12 +163,17 @@ def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_recipe(traine
 
     root, data = trained
     init = root / "models" / "model.pt"
-    common = dict(config_file=TRAIN, dataset_dir=str(data), init_ckpt=str(init),
-                  **{**{k: v for k, v in TINY.items() if k != "features"}, "max_epochs": 1})
+    common = dict(
+        config_file=TRAIN,
+        dataset_dir=str(data),
+        init_ckpt=str(init),
+        **{**{k: v for k, v in TINY.items() if k != "features"}, "max_epochs": 1},
+    )
     with pytest.raises(Exception) as error:  # the weights were trained on t2 and flair: a run on 3 channels is refused
         run("training", bundle_root=str(tmp_path / "refused"), **common)
     assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in "".join(
-        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None)))
+        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None))
+    )
     tuned = tmp_path / "tuned"
     run("training", bundle_root=str(tuned), modalities=["t2", "flair"], learning_rate=1e-12, **common)
     recipe = read_recipe(str(tuned / "models" / "model.pt"))

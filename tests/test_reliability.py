@@ -18,12 +18,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import latest_training_state, trained_weights
 from bundle.guards import lock_folder, remove_stale_temporaries
-from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
@@ -52,8 +52,13 @@ def _train(root, dataset_dir, **overrides):
 
 
 def _infer(dataset_dir, output_dir, ckpt_path, **overrides):
-    run(config_file=INFERENCE, dataset_dir=str(dataset_dir), output_dir=str(output_dir), ckpt_path=str(ckpt_path),
-        **{**SMALL_NET, **overrides})
+    run(
+        config_file=INFERENCE,
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        ckpt_path=str(ckpt_path),
+        **{**SMALL_NET, **overrides},
+    )
 
 
 def _messages(error: BaseException) -> str:
@@ -165,10 +170,17 @@ run("training", config_file=sys.argv[2], bundle_root=sys.argv[3], dataset_dir=sy
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_resume_continues(tmp_path, demo_dir):
     marker = tmp_path / "writing"
     settings = {**TINY, "max_epochs": 3}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     process = subprocess.Popen(
         [sys.executable, "-c", _SLOW_RUN, str(marker), TRAIN, str(tmp_path), str(demo_dir), repr(settings)],
-        cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=str(ROOT),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 240
@@ -202,7 +214,9 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_resu
 def test_resume_skips_a_state_that_does_not_load_with_a_warning_naming_it(tmp_path, caplog):
     good = tmp_path / "checkpoint_epoch=1.pt"
     torch.save({"trainer": {"epoch": 1}, "network": {"w": torch.ones(2)}}, good)
-    truncated, empty, diverged = (tmp_path / n for n in ("checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt", "training_state.pt"))
+    truncated, empty, diverged = (
+        tmp_path / n for n in ("checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt", "training_state.pt")
+    )
     truncated.write_bytes(good.read_bytes()[:100])
     empty.write_bytes(b"")
     torch.save({"trainer": {"epoch": 4}, "network": {"w": torch.tensor([1.0, float("nan")])}}, diverged)
@@ -215,7 +229,9 @@ def test_resume_skips_a_state_that_does_not_load_with_a_warning_naming_it(tmp_pa
     assert f"not resuming from '{empty}'" in warnings and f"not resuming from '{truncated}'" in warnings
 
     good.unlink()
-    with pytest.raises(ValueError, match="no training state there loads: .*checkpoint_epoch=3.pt' \\(does not load: 0 bytes, EOFError"):
+    with pytest.raises(
+        ValueError, match="no training state there loads: .*checkpoint_epoch=3.pt' \\(does not load: 0 bytes, EOFError"
+    ):
         latest_training_state(str(tmp_path))
 
 
@@ -257,8 +273,10 @@ def test_a_training_shorter_than_one_validation_interval_still_validates_and_sav
 
 def test_an_empty_datalist_section_stops_the_run_at_start_up_naming_file_and_section(tmp_path, demo_dir):
     items = [
-        {"image": [f"Demo_00{i}/Demo_00{i}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")],
-         "label": f"Demo_00{i}/Demo_00{i}_seg.nii.gz"}
+        {
+            "image": [f"Demo_00{i}/Demo_00{i}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")],
+            "label": f"Demo_00{i}/Demo_00{i}_seg.nii.gz",
+        }
         for i in range(3)
     ]
     datalist = tmp_path / "datalist.json"
@@ -317,7 +335,7 @@ def test_a_bad_image_file_is_named_with_its_case_and_what_is_wrong(tmp_path, dem
     with pytest.raises(Exception) as error:
         _infer(tmp_path / "data", tmp_path / "out", weights)
     text = _messages(error.value)
-    assert f"case 'Demo_001': " in text and f"'{bad_file}'" in text
+    assert "case 'Demo_001': " in text and f"'{bad_file}'" in text
     assert what in text and detail in text
     assert _files(tmp_path / "out") == []
 
@@ -335,8 +353,11 @@ def test_an_image_and_its_label_on_different_grids_are_named(tmp_path, demo_dir)
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :36], image.affine), seg)
     flair = str(case / "Demo_002_flair.nii.gz")
     load = LoadCaseImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)
-    with pytest.raises(ValueError, match=r"case 'Demo_002': its files are on different grids \(image '.*flair.nii.gz': "
-                       r"\(40, 40, 24\); label '.*seg.nii.gz': \(40, 36, 24\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"case 'Demo_002': its files are on different grids \(image '.*flair.nii.gz': "
+        r"\(40, 40, 24\); label '.*seg.nii.gz': \(40, 36, 24\)\)",
+    ):
         load({"image": flair, "label": str(seg), "case": "Demo_002"})
 
 
@@ -348,8 +369,9 @@ def test_a_dataset_folder_with_nothing_to_validate_on_is_refused(tmp_path, demo_
         load_datalist("", str(tmp_path / "one"), "validation")
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", "pickled object"],
-                         ids=["zero-byte", "truncated", "pickled object"])
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04 cut short", "pickled object"], ids=["zero-byte", "truncated", "pickled object"]
+)
 def test_a_damaged_weights_file_is_named(tmp_path, demo_dir, content):
     if content == "pickled object":
         torch.save({"model": _NotWeights()}, tmp_path / "model.pt")
@@ -384,8 +406,11 @@ def test_an_output_dir_that_cannot_be_written_is_named_at_start_up(tmp_path, mon
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(guards.tempfile, "TemporaryFile", refused)
-    with pytest.raises(PermissionError, match=rf"`output_dir` '{tmp_path}/new' cannot be written \('{tmp_path}': "
-                       r"Permission denied\): point --output_dir at a folder you can write to"):
+    with pytest.raises(
+        PermissionError,
+        match=rf"`output_dir` '{tmp_path}/new' cannot be written \('{tmp_path}': "
+        r"Permission denied\): point --output_dir at a folder you can write to",
+    ):
         guards.writable_folder(str(tmp_path / "new"), "output_dir")
     assert not (tmp_path / "new").exists()
 
@@ -422,14 +447,18 @@ def test_an_axis_permuted_affine_and_its_sform_qform_codes_round_trip(tmp_path, 
 def test_a_second_training_into_the_same_state_folder_stops_naming_the_first_ones_pid(tmp_path, demo_dir):
     states = tmp_path / "checkpoints"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             sys.path.insert(0, {str(ROOT)!r})
             from bundle.guards import lock_folder
             lock_folder({str(states)!r})
             print("locked", flush=True)
             time.sleep(120)
-        """)],
+        """),
+        ],
         stdout=subprocess.PIPE,
     )
     try:
@@ -451,7 +480,9 @@ def test_a_second_training_into_the_same_state_folder_stops_naming_the_first_one
 
 
 @pytest.mark.slow
-def test_batch_inference_skips_failed_cases_runs_the_rest_lists_failures_and_exits_non_zero(tmp_path, demo_dir, weights):
+def test_batch_inference_skips_failed_cases_runs_the_rest_lists_failures_and_exits_non_zero(
+    tmp_path, demo_dir, weights
+):
     data, out = tmp_path / "data", tmp_path / "out"
     for case in ("Demo_000", "Demo_001", "Demo_002", "Demo_003"):
         _copy_case(demo_dir, case, data)
@@ -459,11 +490,29 @@ def test_batch_inference_skips_failed_cases_runs_the_rest_lists_failures_and_exi
     damaged.write_bytes(damaged.read_bytes()[:1500])  # fails while loading
     (out / "Demo_002_seg.nii.gz").mkdir(parents=True)  # fails while saving: a folder where the file goes
 
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE, "--dataset_dir", str(data),
-               "--output_dir", str(out), "--ckpt_path", str(weights), "--features", "[4,8,16,32]",
-               "--num_workers", "0", "--progress", "false"]
-    result = subprocess.run(command, cwd=str(ROOT), capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--ckpt_path",
+        str(weights),
+        "--features",
+        "[4,8,16,32]",
+        "--num_workers",
+        "0",
+        "--progress",
+        "false",
+    ]
+    result = subprocess.run(
+        command, cwd=str(ROOT), capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode != 0
     assert "2 of 4 case(s) failed and have no output; the other 2 were saved" in result.stderr
     assert f"  - Demo_001: case 'Demo_001': cannot read '{damaged}'" in result.stderr
@@ -491,7 +540,6 @@ def test_temporary_files_of_a_killed_run_are_removed_and_those_of_a_running_one_
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([alive.name, ordinary.name])
-
 
 
 def test_a_case_id_that_would_escape_output_dir_is_refused_when_the_case_list_is_built(tmp_path, demo_dir):

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.transforms import EnsureChannelFirstd
@@ -21,7 +22,6 @@ from bundle.datalist import SPLIT_RECORD, build_datalist, evaluation_datalist, i
 from bundle.loading import LoadCaseImaged
 from bundle.settings_check import check_settings
 from bundle.transforms import LabelToRegionsd, SelectModalitiesd
-from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")

@@ -7,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.demo import make_demo_dataset
-from helpers import ROOT, TINY
 
 #: Options that change the arithmetic: (weight tolerance, fraction of label voxels that may differ). RMSProp's
 #: first step moves a weight by lr / sqrt(1 - alpha) = 2e-4 either way, so a gradient whose sign the rounding
@@ -33,10 +33,17 @@ def _one_training_iteration(**options):
     batch = {"image": torch.randn(2, 3, 32, 32), "label": (torch.rand(2, 3, 32, 32) > 0.5).float()}
     parser = ConfigParser(globals={"monai": "monai", "torch": "torch", "numpy": "numpy", "batches": [batch]})
     parser.read_config(str(ROOT / "configs" / "train.json"))
-    parser.update({
-        "bundle_root": str(ROOT), **TINY, **options, "device": "$torch.device('cpu')",
-        "train#trainer#train_data_loader": "$batches", "train#trainer#train_handlers": [], "train#trainer#max_epochs": 1,
-    })
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            **TINY,
+            **options,
+            "device": "$torch.device('cpu')",
+            "train#trainer#train_data_loader": "$batches",
+            "train#trainer#train_handlers": [],
+            "train#trainer#max_epochs": 1,
+        }
+    )
     parser.get_parsed_content("initialize")  # determinism, then cudnn_benchmark
     torch.manual_seed(1)  # the same initial weights for every option
     trainer = parser.get_parsed_content("train#trainer")
@@ -60,8 +67,11 @@ def case(tmp_path_factory):
 def _infer(root, out, **options):
     settings = {"features": TINY["features"], "num_workers": 0, "progress": False, **options}
     run(
-        config_file=str(ROOT / "configs" / "inference.json"), bundle_root=str(root), dataset_dir=str(root / "data"),
-        output_dir=str(out), **settings,
+        config_file=str(ROOT / "configs" / "inference.json"),
+        bundle_root=str(root),
+        dataset_dir=str(root / "data"),
+        output_dir=str(out),
+        **settings,
     )
     return np.asarray(nib.load(str(out / "Demo_000_seg.nii.gz")).dataobj)
 

@@ -4,10 +4,9 @@ loss and Dice curves beside ``validation_metrics.json``, and a progress bar inst
 from types import SimpleNamespace
 
 import pytest
+from helpers import ROOT, TINY
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
-
-from helpers import ROOT, TINY
 
 TRAIN = str(ROOT / "configs" / "train.json")
 
@@ -62,9 +61,17 @@ def test_mlflow_tracking_logs_losses_and_validation_dice(tmp_path, demo_dir):
     import mlflow
     from monai.utils import path_to_sqlite_uri
 
-    run("training", config_file=TRAIN, bundle_root=str(tmp_path), dataset_dir=str(demo_dir),
-        tracking=str(ROOT / "configs" / "mlflow.json"), **TINY)
+    run(
+        "training",
+        config_file=TRAIN,
+        bundle_root=str(tmp_path),
+        dataset_dir=str(demo_dir),
+        tracking=str(ROOT / "configs" / "mlflow.json"),
+        **TINY,
+    )
     client = mlflow.tracking.MlflowClient(tracking_uri=path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
     (run_info,) = client.search_runs([client.get_experiment_by_name("segan").experiment_id])
-    assert {"loss", "adversarial_loss", "critic_loss", "val_mean_dice", "val_dice_whole_tumor"} <= set(run_info.data.metrics)
+    assert {"loss", "adversarial_loss", "critic_loss", "val_mean_dice", "val_dice_whole_tumor"} <= set(
+        run_info.data.metrics
+    )
     assert [m.step for m in client.get_metric_history(run_info.info.run_id, "val_mean_dice")] == [1, 2]

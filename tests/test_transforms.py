@@ -9,7 +9,9 @@ from bundle.transforms import LabelToRegionsd, RegionsToLabeld, SelectModalities
 
 
 def _label(values):
-    return MetaTensor(torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1), meta={"filename_or_obj": "case_seg.nii.gz"})
+    return MetaTensor(
+        torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1, 1), meta={"filename_or_obj": "case_seg.nii.gz"}
+    )
 
 
 @pytest.mark.parametrize(

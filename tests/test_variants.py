@@ -4,13 +4,13 @@ import os
 
 import pytest
 import torch
+from helpers import ROOT, TINY
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.losses import MultiScaleL1Loss
 from bundle.networks import RegionSegmentors, SegANCritics
-from helpers import ROOT, TINY
 
 TRAIN = os.path.join(ROOT, "configs", "train.json")
 VARIANTS = ("s1_1c", "s3_1c", "s3_3c", "s3_3c_s0", "s3_3c_s3", "unet", "context_2_5d")

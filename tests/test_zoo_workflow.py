@@ -139,8 +139,13 @@ def test_infer_workflow_writes_one_label_map_per_case_on_the_input_grid(trained,
     root, _ = trained
     out = tmp_path / "predictions"
     flow = workflow(
-        "infer", root, "inference.json",
-        dataset_dir=str(zoo_data), output_dir=str(out), ckpt_path=str(root / "models" / "model.pt"), **QUIET,
+        "infer",
+        root,
+        "inference.json",
+        dataset_dir=str(zoo_data),
+        output_dir=str(out),
+        ckpt_path=str(root / "models" / "model.pt"),
+        **QUIET,
     )
     flow.initialize()
     assert flow.check_properties() == []
@@ -164,8 +169,14 @@ def test_eval_workflow_composes_inference_and_evaluate_and_writes_metrics(traine
     root, record = trained
     out = tmp_path / "evaluation"
     flow = workflow(
-        "eval", root, "inference.json", "evaluate.json",
-        dataset_dir=str(zoo_data), output_dir=str(out), ckpt_path=str(root / "models" / "model.pt"), **QUIET,
+        "eval",
+        root,
+        "inference.json",
+        "evaluate.json",
+        dataset_dir=str(zoo_data),
+        output_dir=str(out),
+        ckpt_path=str(root / "models" / "model.pt"),
+        **QUIET,
     )
     flow.initialize()
     assert flow.check_properties() == []
@@ -198,8 +209,15 @@ def test_multi_process_train_workflow_under_torchrun(tmp_path):
     root = copy_bundle(tmp_path / "bundle")
     overrides = {**TINY, **QUIET, "bundle_root": str(root), "dataset_dir": str(data)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        __file__, str(root), json.dumps(overrides),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(root),
+        json.dumps(overrides),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
