@@ -67,14 +67,30 @@ _MHA_NAMES = {"mr_t1": "t1", "mr_t1c": "t1c", "mr_t2": "t2", "mr_flair": "flair"
 # A modality folder such as "VSD.Brain.XX.O.MR_Flair.54512": the case is the folder above it.
 _MHA_FOLDER_PATTERN = re.compile(r"^VSD\.Brain", re.IGNORECASE)
 
-#: BraTS 2018-2021: "<case>_<suffix>.nii.gz"; the suffix must be followed by ".nii", so "_t1" never eats "_t1ce".
-NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<suffix>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
-_NIFTI_NAMES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair", "seg": "label"}
+#: BraTS 2018-2021 "<case>_<suffix>.nii.gz" (t1, t1ce, t2, flair, seg; also t1c, t1gd) and BraTS 2023+
+#: "<case>-<suffix>.nii.gz" (t1n, t1c, t2w, t2f, seg); the suffix must be followed by ".nii", so "_t1" never eats
+#: "_t1ce". The label values of BraTS 2023+ are another convention: train and infer with --label_convention brats2023.
+NIFTI_PATTERN = re.compile(
+    r"^(?P<case>.+)[_-](?P<suffix>t1ce|t1gd|t1c|t1n|t1|t2w|t2f|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE
+)
+_NIFTI_NAMES = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1ce": "t1c",
+    "t1c": "t1c",
+    "t1gd": "t1c",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+    "seg": "label",
+}
 
 #: The layouts :func:`find_cases` knows, for error messages.
 LAYOUTS_SEARCHED = (
     "BraTS 2013/2015 MetaImage (<subject>/VSD.Brain.XX.O.MR_{T1,T1c,T2,Flair}.<id>/*.mha with label "
-    "VSD.Brain_3more.XX.O.OT.<id>/*.mha) and BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz)"
+    "VSD.Brain_3more.XX.O.OT.<id>/*.mha), BraTS 2018-2021 NIfTI (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz) and "
+    "BraTS 2023+ NIfTI (<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz)"
 )
 
 

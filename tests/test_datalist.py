@@ -239,3 +239,21 @@ def test_the_model_zoo_test_layout_is_one_case_per_folder(tmp_path):
     assert cases[0]["grade"] == "HGG"
     assert cases[0]["label"] == "training/HGG/sample_0/label_0_seg.nii.gz"
     assert [Path(p).name for p in cases[0]["image"]] == [f"image_0_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
+
+
+def test_brats_2023_names_are_discovered_with_their_modalities(tmp_path):
+    # BraTS 2023+ (GLI, MEN, MET, ...): <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz and <case>-seg.nii.gz
+    order = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair"}
+    for case in ("BraTS-GLI-00000-000", "BraTS-GLI-00002-000"):
+        folder = tmp_path / case
+        folder.mkdir()
+        for suffix in order:
+            nib.save(
+                nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(folder / f"{case}-{suffix}.nii.gz")
+            )
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(folder / f"{case}-seg.nii.gz"))
+    cases = find_cases(str(tmp_path))
+    assert [c["case"] for c in cases] == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+    assert cases[0]["label"] == "BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz"
+    # the images in the bundle's modality order (t1, t1c, t2, flair), whatever the file names call them
+    assert [Path(p).name.split("-")[-1] for p in cases[0]["image"]] == [f"{s}.nii.gz" for s in order]
