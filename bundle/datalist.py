@@ -8,6 +8,10 @@ that split of the cases :func:`bundle.cases.find_cases` finds, and loads a datal
 multi-modality files as in MSD Task01 or MONAI Label, and folders of them) and :func:`evaluation_datalist`
 (which checks that every case has a label). The last two give each item a unique ``"case"`` id
 (:func:`bundle.cases.case_id`) that names its outputs.
+
+k-fold cross-validation (``num_folds`` >= 2, ``fold``; :func:`fold_cases`) replaces the 9:1 split: the labelled
+cases are dealt into ``num_folds`` folds per grade with a fixed seed, fold ``fold`` is the validation set and the
+others the training set; the training records it in its split record like the 9:1 split (:func:`record_split`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import random
 from collections.abc import Sequence
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "split_cases",
+    "fold_cases",
+    "check_folds",
     "build_datalist",
     "load_datalist",
     "inference_datalist",
@@ -48,6 +55,9 @@ __all__ = [
 
 #: The split record a training writes beside its ``model.pt`` (:func:`record_split`).
 SPLIT_RECORD = "datalist.json"
+#: The seed of the cross-validation folds (:func:`fold_cases`): fixed, so fold ``i`` holds the same cases whatever
+#: the training's ``seed``.
+FOLD_SEED = 0
 
 # a single-file (4D, channels last) multi-modality case, as in MSD Task01 or a MONAI Label datastore
 _SINGLE_FILE_SUFFIXES = (".nii.gz", ".nii")
@@ -93,17 +103,120 @@ def split_cases(cases: Sequence[dict], val_fraction: float = 0.1, seed: int = 0)
     return sorted(train, key=by_case), sorted(val, key=by_case)
 
 
-def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[dict]]:
+def _whole_number(value, key: str) -> int:
+    """``value`` as an int (an integral float or a numeric string too), else a ``ValueError`` naming ``key``."""
+    if not isinstance(value, bool):
+        try:
+            if isinstance(value, str):
+                return int(value.strip())
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return operator.index(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{key} must be a whole number, got {value!r}.")
+
+
+def check_folds(num_folds=0, fold=0) -> tuple[int, int]:
+    """``(num_folds, fold)`` as ints, checked: ``num_folds`` 0 or 1 means no cross-validation (the 9:1 split,
+    ``fold`` must stay 0); ``num_folds`` >= 2 needs ``0 <= fold < num_folds``. A bad value is a ``ValueError``
+    naming its key."""
+    k, i = _whole_number(num_folds, "num_folds"), _whole_number(fold, "fold")
+    if k < 0:
+        raise ValueError(
+            f"num_folds must be 0 or 1 (no cross-validation: the 9:1 split) or the number of folds (>= 2), got {k}."
+        )
+    if k <= 1 and i != 0:
+        raise ValueError(
+            f"fold {i} was given but num_folds is {k} (no cross-validation): set num_folds to the number of folds "
+            "(>= 2) to cross-validate, or leave fold at 0."
+        )
+    if k >= 2 and not 0 <= i < k:
+        raise ValueError(f"fold must be in 0 .. num_folds - 1 = 0 .. {k - 1} (folds count from 0), got {i}.")
+    return k, i
+
+
+def _grade_name(key: tuple) -> str:
+    return GRADES[key[0]] if key[0] < len(GRADES) else f"grade '{key[1]}'" if key[1] else "without a grade"
+
+
+def fold_cases(
+    cases: Sequence[dict], num_folds: int, fold: int, seed: int = FOLD_SEED
+) -> tuple[list[dict], list[dict]]:
+    """k-fold cross-validation split: ``(training, validation)`` of fold ``fold`` of ``num_folds``.
+
+    Each grade group (HGG, LGG, then cases without a grade; as :func:`split_cases`) is sorted by case id, shuffled
+    with its own generator seeded by ``seed`` and dealt round-robin into the folds, each group starting where the
+    previous one stopped, so every fold holds ``floor`` or ``ceil(n / num_folds)`` cases of each grade and the folds
+    differ in size by at most one case. Fold ``fold`` is the validation set, the other folds the training set: over
+    ``fold = 0 .. num_folds - 1`` every case is validated exactly once. The folds depend only on the case ids and
+    grades, not on the input order.
+
+    Raises:
+        ValueError: naming the key, when ``num_folds`` < 2, ``fold`` is not in ``0 .. num_folds - 1``, a grade has
+            fewer cases than ``num_folds`` (a fold would lack it), or two items share a case id.
+
+    Returns:
+        ``(training, validation)``, each sorted by case id.
+    """
+    k, i = check_folds(num_folds, fold)
+    if k < 2:
+        raise ValueError(f"num_folds must be at least 2 to split cases into folds, got {k}.")
+    groups: dict[tuple, list[dict]] = {}
+    seen: set[str] = set()
+    for item in cases:
+        case = str(item.get("case") or case_id(item["image"]))
+        if case in seen:
+            raise ValueError(
+                f"case '{case}' is listed twice, so it could be validated by a model that trained on it: give each "
+                "case once (across the datalist's training and validation sections)."
+            )
+        seen.add(case)
+        groups.setdefault(_group_key(item.get("grade")), []).append(item)
+    small = [(len(group), key) for key, group in groups.items() if len(group) < k]
+    if small:
+        size, key = min(small)
+        what = "cases" if len(groups) == 1 else f"{_grade_name(key)} cases"
+        raise ValueError(
+            f"num_folds {k} is larger than the number of {what} ({size}): every fold must hold out at least one "
+            f"case of each grade; set num_folds to at most {min(len(g) for g in groups.values())}."
+        )
+
+    train, val, start = [], [], 0
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda item: (str(item.get("case") or ""), str(item["image"])))
+        order = list(range(len(group)))
+        random.Random(int(seed)).shuffle(order)
+        for position, index in enumerate(order):
+            (val if (start + position) % k == i else train).append(group[index])
+        start += len(group)
+
+    def by_case(item):
+        return (str(item.get("case") or ""), str(item["image"]))
+
+    return sorted(train, key=by_case), sorted(val, key=by_case)
+
+
+def build_datalist(
+    dataset_dir, val_fraction: float = 0.1, seed: int = 0, num_folds: int = 0, fold: int = 0
+) -> dict[str, list[dict]]:
     """Labelled cases under ``dataset_dir`` as ``{"training": [...], "validation": [...]}`` (:func:`split_cases`).
 
     BraTS cases come first; a folder holding none is searched for 2D images with masks
     (:func:`bundle.cases.find_image_pairs`: ISIC 2017, or an image folder beside a mask folder): ISIC's own
     validation and test sets are kept (``validation``, ``testing``), and a layout without a validation set has
     its training images split 9:1. A folder holding both kinds is read as BraTS, the 2D images reported ignored.
+
+    With ``num_folds`` >= 2 the 9:1 split is replaced by fold ``fold`` of a k-fold split (:func:`fold_cases`) of
+    the labelled cases (for a 2D layout, its training and validation images together; ``testing`` is kept).
     """
+    num_folds, fold = check_folds(num_folds, fold)
     cases, pairs = _layouts(dataset_dir, require_label=True)
     if cases:
-        train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
+        if num_folds >= 2:
+            train, val = fold_cases(cases, num_folds, fold)
+        else:
+            train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
         return {"training": train, "validation": val}
     if pairs is not None:
         if not pairs.get("training"):
@@ -111,7 +224,10 @@ def build_datalist(dataset_dir, val_fraction: float = 0.1, seed: int = 0) -> dic
                 f"no training image with a mask under '{dataset_dir}'. Layouts searched: {LAYOUTS_2D}."
             )
         out = {k: v for k, v in pairs.items() if v}
-        if "validation" not in out:
+        if num_folds >= 2:
+            pool = out["training"] + out.get("validation", [])
+            out["training"], out["validation"] = fold_cases(pool, num_folds, fold)
+        elif "validation" not in out:
             out["training"], out["validation"] = split_cases(out["training"], val_fraction=val_fraction, seed=seed)
         return out
     find_cases(dataset_dir, require_label=True)  # raises, saying what was searched
@@ -149,7 +265,7 @@ def _resolve(path, base: Path, where: str) -> str:
     return str(full)
 
 
-def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> list[dict]:
+def load_datalist(data_list_file_path, dataset_dir, key: str = "training", num_folds=0, fold=0) -> list[dict]:
     """Items of one section of a datalist, with absolute paths, ready for a MONAI ``Dataset``.
 
     This is what ``configs/train.json`` calls for ``train#dataset#data`` and ``validate#dataset#data``.
@@ -161,14 +277,19 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
             as in ``monai.data.load_decathlon_datalist``). Absolute paths are kept.
         key: section to return, e.g. ``"training"`` or ``"validation"``. A file with a ``training`` section but
             no ``validation`` one (a Decathlon ``dataset.json``) is split 9:1 with :func:`split_cases`.
+        num_folds, fold: with ``num_folds`` >= 2, ``training`` and ``validation`` are fold ``fold`` of a k-fold split
+            (:func:`fold_cases`, per grade, fixed seed) of the labelled cases: those of ``dataset_dir``, or the
+            file's ``training`` and ``validation`` sections together (other sections, e.g. ``testing``, are kept).
+            0 or 1 (the default): no cross-validation, the sections as described above.
 
     Returns:
         a list of items whose ``"image"`` is a list of modality files or one 4D file (both kept as given),
         ``"label"`` one file; every listed file is checked to exist. A ``None`` grade becomes ``""`` because
         MONAI's collate cannot batch ``None``.
     """
+    num_folds, fold = check_folds(num_folds, fold)
     if not data_list_file_path:
-        built = build_datalist(dataset_dir)
+        built = build_datalist(dataset_dir, num_folds=num_folds, fold=fold)
         if key not in built:
             raise ValueError(
                 f"key '{key}' cannot be built from dataset_dir (only {', '.join(map(repr, built))}); {_HOW_TO_PREPARE}"
@@ -190,7 +311,14 @@ def load_datalist(data_list_file_path, dataset_dir, key: str = "training") -> li
                 raise ValueError(f"datalist file '{list_file}' is not valid JSON ({e}); {_HOW_TO_PREPARE}") from e
         listed = content.get("training") if isinstance(content, dict) else None
         listed = [item for item in listed or [] if isinstance(item, dict) and "image" in item]
-        if key in ("training", "validation") and "validation" not in content and len(listed) >= 2:
+        if key in ("training", "validation") and num_folds >= 2 and isinstance(content, dict):
+            # cross-validation over the labelled cases the file offers for training and validation
+            validation = content.get("validation") if isinstance(content.get("validation"), list) else []
+            pool = listed + [item for item in validation if isinstance(item, dict) and "image" in item]
+            pool = [{**item, "case": item.get("case") or case_id(item["image"])} for item in pool]
+            train, val = fold_cases(pool, num_folds, fold)
+            content = {**content, "training": train, "validation": val}
+        elif key in ("training", "validation") and "validation" not in content and len(listed) >= 2:
             # a Decathlon dataset.json lists only "training": hold out the validation split from it
             train, val = split_cases([{**item, "case": item.get("case") or case_id(item["image"])} for item in listed])
             content = {**content, "training": train, "validation": val}
