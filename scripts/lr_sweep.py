@@ -62,9 +62,15 @@ def lr_sweep(
     default_work_dir: Optional[str] = None,
     default_rate: float = 2e-3,
     out: str = "docs/ablation/lr_sweep.md",
+    tuned_seeds: int = 0,
     **overrides: Any,
 ) -> dict:
-    """Run every row at every rate (``seeds`` seeds), choose each row's rate on validation, write ``out``."""
+    """Run every row at every rate (``seeds`` seeds), choose each row's rate on validation, write ``out``.
+
+    With ``tuned_seeds`` > ``seeds``, every row then runs ``tuned_seeds`` seeds at its chosen rate (the sweep's
+    seeds reused), and the report adds each row's test Dice and the paired differences between the rows (the
+    first row against each other, and every later pair whose names differ by "+ Dice"), at the tuned rates.
+    """
     rows = [rows] if isinstance(rows, str) else list(rows)
     work = Path(work_dir).resolve()
     table: dict = {}
@@ -108,10 +114,78 @@ def lr_sweep(
             cell = " / ".join("n/a" if v.get(k) is None else f"{v[k]:.3f}" for k in ("validation", "test"))
             cells.append(f"**{cell}**" if chosen == float(r) else cell)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {'n/a' if chosen is None else f'{chosen:g}'} |")
+    chosen_rates = {}
+    for row, by_rate in table.items():
+        scored = {r: v for r, v in by_rate.items() if v["validation"] is not None}
+        if scored:
+            chosen_rates[row] = max(scored, key=lambda r: scored[r]["validation"])
+    if int(tuned_seeds) > int(seeds):
+        lines += _tuned_comparison(
+            rows, chosen_rates, int(tuned_seeds), suite, work, default_work_dir, default_rate, overrides
+        )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return table
+
+
+def _tuned_comparison(rows, chosen_rates, tuned_seeds, suite, work, default_work_dir, default_rate, overrides):
+    """Each row at its chosen rate for ``tuned_seeds`` seeds; report lines with test Dice and paired differences."""
+    results = []
+    for row in rows:
+        rate = chosen_rates.get(row)
+        if rate is None:
+            continue
+        reuse = default_work_dir is not None and float(rate) == float(default_rate)
+        rate_dir = Path(default_work_dir).resolve() if reuse else work / f"lr{rate:g}"
+        run_overrides = dict(overrides) if reuse else {**overrides, "learning_rate": float(rate)}
+        ablation.ablation(
+            rows=[row],
+            seeds=tuned_seeds,
+            suite=suite,
+            out=str(rate_dir / "report"),
+            work_dir=str(rate_dir),
+            **run_overrides,
+        )
+        for s in range(tuned_seeds):
+            path = rate_dir / suite / ablation._slug(row) / f"seed{s}" / ablation.RESULT
+            results.append(json.loads(path.read_text()))
+    lines = [
+        "",
+        f"### At each row's chosen rate, {tuned_seeds} seeds (the sweep's seeds reused)",
+        "",
+        "| row | rate | mean test Dice (mean ± std over seeds) | whole / core / enhancing |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        mine = [r for r in results if r["row"] == row]
+        if not mine:
+            continue
+        means = [statistics.fmean(v for v in r["metrics"]["dice"].values() if v is not None) for r in mine]
+        regions = [statistics.fmean(r["metrics"]["dice"][k] for r in mine) for k in mine[0]["metrics"]["dice"]]
+        spread = statistics.stdev(means) if len(means) > 1 else 0.0
+        lines.append(
+            f"| {row} | {chosen_rates[row]:g} | {statistics.fmean(means):.3f} ± {spread:.3f} | "
+            + " / ".join(f"{v:.3f}" for v in regions)
+            + " |"
+        )
+    pairs = [(rows[0], other) for other in rows[1:]]
+    pairs += [
+        (a, b)
+        for a in rows
+        for b in rows
+        if a != b
+        and a.replace(" + Dice", "") != a
+        and a.replace(" + Dice", "") != b
+        and b.endswith("+ Dice")
+        and a.split()[0] != b.split()[0]
+    ]
+    lines += ["", "| first − second | seeds | difference | 95 % interval |", "| --- | --- | --- | --- |"]
+    for a, b in dict.fromkeys(pairs):
+        d = ablation.paired_difference(results, a, b)
+        if d is not None:
+            lines.append(f"| {a} − {b} | {d['seeds']} | {d['mean']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
+    return lines
 
 
 if __name__ == "__main__":
