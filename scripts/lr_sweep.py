@@ -179,6 +179,7 @@ def _tuned_comparison(rows, chosen_rates, tuned_seeds, suite, work, default_work
         and a.replace(" + Dice", "") != b
         and b.endswith("+ Dice")
         and a.split()[0] != b.split()[0]
+        and rows.index(a) < rows.index(b)
     ]
     lines += ["", "| first − second | seeds | difference | 95 % interval |", "| --- | --- | --- | --- |"]
     for a, b in dict.fromkeys(pairs):
