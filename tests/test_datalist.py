@@ -223,10 +223,12 @@ def test_decathlon_dataset_json_without_validation_is_split_nine_to_one(tmp_path
     assert all(os.path.isabs(v["image"]) and v["case"].startswith("BRATS_") for v in val)
 
 
-def test_the_model_zoo_test_layout_is_one_case_per_folder(tmp_path):
+@pytest.mark.parametrize("num_cases", [2, 10])
+def test_the_model_zoo_test_layout_is_one_case_per_folder(tmp_path, num_cases):
     # ci/unit_tests of the MONAI model zoo: training/HGG/sample_<s>/image_<s>_<mod>.nii.gz and label_<s>_seg.nii.gz
+    # (its test writes 10 such cases)
 
-    for s in range(2):
+    for s in range(num_cases):
         folder = tmp_path / "training" / "HGG" / f"sample_{s}"
         folder.mkdir(parents=True)
         for name in ("t1", "t1ce", "t2", "flair"):
@@ -235,7 +237,7 @@ def test_the_model_zoo_test_layout_is_one_case_per_folder(tmp_path):
             )
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(folder / f"label_{s}_seg.nii.gz"))
     cases = find_cases(str(tmp_path))
-    assert [c["case"] for c in cases] == ["sample_0", "sample_1"]
+    assert sorted(c["case"] for c in cases) == sorted(f"sample_{s}" for s in range(num_cases))
     assert cases[0]["grade"] == "HGG"
     assert cases[0]["label"] == "training/HGG/sample_0/label_0_seg.nii.gz"
     assert [Path(p).name for p in cases[0]["image"]] == [f"image_0_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
