@@ -1,0 +1,270 @@
+"""Ensembles at inference: several trained segmentors (the folds of a cross-validation, or models trained with other
+widths or seeds) whose probabilities are averaged before the usual thresholding.
+
+``configs/inference.json`` takes ``--ensemble "['fold0/models/model.pt', 'fold1/models/model.pt', ...]"`` (default
+``[]``: the single model of ``ckpt_path``, unchanged). Its ``network`` is then an :class:`EnsembleNetwork` built by
+:func:`ensemble_network`, whose forward returns the logit of the averaged probability, so the inferer and the
+post-processing (sigmoid or softmax, threshold or argmax, head guard, inversion, label map) are those of one model.
+
+Every member brings its recipe record (``model_recipe.json`` beside it, :func:`bundle.checkpoints.read_recipe`):
+they must agree on what they take as input and what they output (:data:`AGREED_SETTINGS`), or the run is refused
+naming both files and the setting; widths and skip mode may differ, since each member's network is built from its
+own recipe, as the config builds ``network_def`` for one model. ``ckpt_path`` defaults to the first member, whose
+recipe sets the run's pre- and post-processing and whose split record evaluation reads; :func:`check_held_out`
+refuses evaluating a case that any member was trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AGREED_SETTINGS",
+    "EnsembleNetwork",
+    "member_paths",
+    "first_member",
+    "check_members",
+    "ensemble_network",
+    "check_held_out",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Recipe settings every member of an ensemble must share: what the members take as input and what they output.
+#: ``features`` and ``skip`` (the network's widths and skip mode) may differ.
+AGREED_SETTINGS = (
+    "modalities",
+    "context_slices",
+    "normalization",
+    "label_convention",
+    "regions",
+    "region_labels",
+    "multiclass",
+)
+
+#: The config keys holding the run's value of each of :data:`AGREED_SETTINGS` (``multiclass`` is parsed there).
+_RUN_KEYS = {name: ("is_multiclass" if name == "multiclass" else name) for name in AGREED_SETTINGS}
+
+#: Probabilities are kept in ``[eps, 1 - eps]`` before their logit is taken, so that the output stays finite.
+_EPS = 1e-6
+
+_HOW = "Train the members with the same settings (only `features` and `skip` may differ), or drop the odd one."
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class EnsembleNetwork(torch.nn.Module):
+    """Member segmentors run on the same input; the output is the logit of their averaged probability.
+
+    Region models (``multiclass`` false): the mean of the members' sigmoids ``p`` is returned as ``log(p / (1 - p))``,
+    so a sigmoid gives the mean back and thresholding it at 0.5 is thresholding the mean. Multiclass models: the
+    mean of the members' softmaxes ``p`` (over the channel axis) is returned as ``log(p)``, whose softmax is ``p``
+    (it sums to 1) and whose argmax is the mean's. Probabilities are clipped to ``[1e-6, 1 - 1e-6]`` first, so
+    the logits are finite (this moves no threshold or argmax). One member is returned as it is, unchanged.
+
+    Args:
+        members: the member networks (``torch.nn.Module``, or callables such as
+            :class:`bundle.inferers.OnnxRuntimeNetwork`), each giving logits of the same shape.
+        multiclass: softmax over channels (``True``) or a sigmoid per channel (``False``).
+        names: the members' weight files, for messages.
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module], multiclass: bool = False, names: Sequence[str] = ()) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member network.")
+        self.members = torch.nn.ModuleList(members)
+        self.multiclass = bool(multiclass)
+        self.names = [str(n) for n in names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0](x)
+        total = None
+        for member in self.members:
+            logits = member(x).float()
+            p = torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)
+            total = p if total is None else total.add_(p)
+        mean = total.div_(len(self.members)).clamp_(_EPS, 1.0 - _EPS)
+        return mean.log_() if self.multiclass else torch.logit(mean)
+
+
+def member_paths(ensemble: Any) -> list[str]:
+    """The weight files of ``--ensemble`` (a list of paths), each checked to be a file; ``[]`` for none."""
+    if ensemble is None or (isinstance(ensemble, (list, tuple)) and not ensemble):
+        return []
+    if not isinstance(ensemble, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in ensemble):
+        raise ValueError(
+            f"ensemble must be a list of weight files, e.g. --ensemble \"['fold0/models/model.pt','fold1/models/"
+            f"model.pt']\", not {ensemble!r}."
+        )
+    paths = [os.fspath(p) for p in ensemble]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"ensemble member(s) {', '.join(repr(p) for p in missing)}: no such file. List the model.pt files "
+            "training wrote (models/model.pt under each run's bundle_root)."
+        )
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"ensemble lists the same weights twice ('{seen[key]}' and '{path}'): list each once.")
+        seen[key] = path
+    return paths
+
+
+def first_member(ensemble: Any) -> str:
+    """The first weight file of ``ensemble``; ``""`` for none (``ckpt_path`` then keeps its default)."""
+    paths = member_paths(ensemble)
+    return paths[0] if paths else ""
+
+
+def check_members(ensemble: Any, settings: Mapping[str, Any] | None = None) -> list[dict]:
+    """The recipes of the members, once seen to agree on :data:`AGREED_SETTINGS`; an error naming both files if not.
+
+    A member without a recipe record is refused (what it takes and gives cannot be checked). With ``settings``
+    (the run's values, from ``ckpt_path``'s recipe and the command line), a member whose recipe contradicts one
+    is refused too, naming the setting, the member and both values.
+    """
+    from .checkpoints import read_recipe, recipe_path
+
+    paths = member_paths(ensemble)
+    recipes = []
+    for path in paths:
+        recipe = read_recipe(path)
+        if not recipe:
+            others = [p for p in paths if p != path]
+            against = f" against '{others[0]}'" if others else ""
+            raise ValueError(
+                f"ensemble member '{path}' has no recipe record ('{recipe_path(path)}'), so what it takes as input "
+                f"and outputs cannot be checked{against}. Use weights written by this bundle's training (it records "
+                "the recipe beside model.pt), or write the record with bundle.checkpoints.write_recipe."
+            )
+        recipes.append(recipe)
+    first, reference = paths[0], recipes[0]
+    for path, recipe in zip(paths[1:], recipes[1:]):
+        for name in AGREED_SETTINGS:
+            mine, theirs = recipe.get(name, "<not recorded>"), reference.get(name, "<not recorded>")
+            if _plain(mine) != _plain(theirs):
+                raise ValueError(
+                    f"ensemble members disagree on `{name}`: '{first}' was trained with {name} {_plain(theirs)!r}, "
+                    f"'{path}' with {_plain(mine)!r} (recorded in '{recipe_path(first)}' and '{recipe_path(path)}'). "
+                    f"{_HOW}"
+                )
+    for path, recipe in zip(paths, recipes):
+        for name, value in (settings or {}).items():
+            if name in recipe and _plain(value) != _plain(recipe[name]):
+                raise ValueError(
+                    f"`{name}` is {_plain(value)!r} in this run, but ensemble member '{path}' was trained with {name} "
+                    f"{_plain(recipe[name])!r} (recorded in '{recipe_path(path)}'). Drop the --{name} override, or "
+                    "point --ckpt_path at one of the members (by default it is the first)."
+                )
+    return recipes
+
+
+def _parser(parser=None):
+    if parser is not None:
+        return parser
+    from .settings_check import _running_parser
+
+    found = _running_parser()
+    if found is None:
+        raise RuntimeError("ensemble_network() found no ConfigParser to read: pass one, or call it from a config.")
+    return found
+
+
+def _member_network(parser, path: str) -> torch.nn.Module:
+    """``network_def`` as the config builds it for the single model at ``path`` (its recipe, the run's overrides)."""
+    from monai.bundle import ConfigParser
+
+    member = ConfigParser(copy.deepcopy(parser.get()))
+    resolved = {key: parser.get_parsed_content(key) for key in ("bundle_root", "segan")}  # not evaluated again
+    member.update({**resolved, "ensemble": [], "ckpt_path": path})
+    return member.get_parsed_content("network_def")
+
+
+def ensemble_network(
+    ensemble: Any,
+    backend: str = "pytorch",
+    device: str | torch.device = "cpu",
+    channels_last: bool | str = False,
+    compile: bool | str = False,
+    parser=None,
+) -> EnsembleNetwork:
+    """The :class:`EnsembleNetwork` of the weight files in ``ensemble``, each member loaded and checked.
+
+    Called from ``configs/inference.json``'s ``network`` when ``ensemble`` is not empty. The members' recipes are
+    checked first (:func:`check_members`, against each other and the run's settings, read from ``parser``: the
+    config running this call by default). Each member's network is the config's ``network_def`` built for that
+    member alone (``ckpt_path`` set to it: its widths and skip mode, checked against its tensors), its weights
+    checked (:func:`bundle.checkpoints.trained_weights`) and loaded strictly. With ``backend`` ``onnxruntime``
+    each member runs its export beside it (``fold0/models/model.pt`` -> ``fold0/models/model.onnx``), checked
+    to come from those weights (:func:`bundle.provenance.check_origin`).
+    """
+    from monai.utils import look_up_option
+
+    from .checkpoints import _load_state, trained_weights
+    from .speed import place_network
+
+    parser = _parser(parser)
+    backend = look_up_option(backend, ["pytorch", "onnxruntime"])
+    settings = {name: parser.get_parsed_content(key) for name, key in _RUN_KEYS.items()}
+    paths = member_paths(ensemble)
+    check_members(paths, settings)
+    members: list[torch.nn.Module] = []
+    for path in paths:
+        network = _member_network(parser, path)
+        if backend == "onnxruntime":
+            from .inferers import OnnxRuntimeNetwork
+
+            members.append(OnnxRuntimeNetwork(os.path.splitext(path)[0] + ".onnx", weights=path, reference=network))
+            continue
+        trained_weights(path, network)
+        network.load_state_dict(_load_state(path))
+        members.append(place_network(network, device, channels_last=channels_last, compile=compile))
+    logger.info(f"ensemble of {len(paths)} model(s): {', '.join(paths)}")
+    return EnsembleNetwork(members, multiclass=settings["multiclass"], names=paths).eval()
+
+
+def check_held_out(ensemble: Any, items: Sequence[Mapping], parser=None) -> None:
+    """Refuse evaluating an ensemble on a case one of its members was trained on, naming the case and the member.
+
+    Evaluation (``configs/evaluate.json``) reads the split record of ``ckpt_path`` only (the first member by
+    default); the folds of a cross-validation were each trained on the others' validation cases, so those would
+    be scored by a model that saw them. Each member's split record (``datalist.json`` beside it) is read; a
+    member without one is not checked. Plain inference (a config with no ``key_metric``) is not restricted.
+    """
+    paths = member_paths(ensemble)
+    if not paths:
+        return
+    parser = _parser(parser)
+    if "key_metric" not in parser:
+        return
+    from .cases import case_id
+    from .datalist import _split_record
+
+    cases = [str(case_id(item)) for item in items if isinstance(item, Mapping)]
+    for path in paths:
+        record_path, record = _split_record(os.path.abspath(path))
+        if record is None:
+            continue
+        trained = {str(case_id(i)) for i in record["training"] if isinstance(i, Mapping)}
+        seen = [case for case in cases if case in trained]
+        if seen:
+            listed = ", ".join(seen[:5]) + (" ..." if len(seen) > 5 else "")
+            raise ValueError(
+                f"{len(seen)} case(s) to evaluate were used to train ensemble member '{path}' ({listed}; split record "
+                f"'{record_path}'): their scores would overstate the ensemble. The folds of a cross-validation have "
+                "no held-out case in common: evaluate the ensemble on a separate test set with "
+                "--data_list_file_path (and --data_list_key)."
+            )
