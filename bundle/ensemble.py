@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .checkpoints import RECIPE_SETTINGS
+
 __all__ = [
     "AGREED_SETTINGS",
     "EnsembleNetwork",
@@ -39,15 +41,7 @@ logger = logging.getLogger(__name__)
 
 #: Recipe settings every member of an ensemble must share: what the members take as input and what they output.
 #: ``features`` and ``skip`` (the network's widths and skip mode) may differ.
-AGREED_SETTINGS = (
-    "modalities",
-    "context_slices",
-    "normalization",
-    "label_convention",
-    "regions",
-    "region_labels",
-    "multiclass",
-)
+AGREED_SETTINGS = tuple(name for name in RECIPE_SETTINGS if name not in ("features", "skip"))
 
 #: The config keys holding the run's value of each of :data:`AGREED_SETTINGS` (``multiclass`` is parsed there).
 _RUN_KEYS = {name: ("is_multiclass" if name == "multiclass" else name) for name in AGREED_SETTINGS}

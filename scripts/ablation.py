@@ -386,7 +386,7 @@ def _count_parameters(configs: Sequence[str], overrides: Mapping) -> tuple[int, 
 
 
 @contextlib.contextmanager
-def _logs_to(path: Path):
+def logs_to(path: Path):
     """Send everything written to this process's stdout and stderr to ``path`` (at the file-descriptor level,
     so logging handlers made earlier with the real streams are redirected too)."""
     sys.stdout.flush()
@@ -433,11 +433,11 @@ def _run_one(suite: Suite, row: Row, seed: int, run_dir: Path, data_overrides: d
     run_dir.mkdir(parents=True)
     common = {"bundle_root": str(run_dir), **settings}
     start = time.perf_counter()
-    with _logs_to(run_dir / "train.log"):
+    with logs_to(run_dir / "train.log"):
         run("training", config_file=[str(ROOT / c) for c in configs], **common)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with _logs_to(run_dir / "evaluate.log"):
+    with logs_to(run_dir / "evaluate.log"):
         run("run", config_file=[str(ROOT / c) for c in eval_configs], data_list_key="testing", progress=False, **common)
     eval_seconds = time.perf_counter() - start
     summary = json.loads((run_dir / "eval" / "metrics_summary.json").read_text(encoding="utf-8"))

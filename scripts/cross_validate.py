@@ -20,7 +20,6 @@ its fold and grade), ``oof_summary.csv`` (per metric and region: mean, std and c
 ``README.md`` (the command, the folds, and the tables).
 """
 
-import contextlib
 import csv
 import io
 import json
@@ -38,6 +37,9 @@ import fire
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ablation import logs_to  # noqa: E402  (each fold's logs go to its folder, as each ablation run's)
 
 from bundle.datalist import SPLIT_RECORD, check_folds, load_datalist  # noqa: E402
 from bundle.files import write_atomic  # noqa: E402
@@ -65,27 +67,6 @@ def _as_list(value: Union[Sequence[str], str]) -> list[str]:
 def _plain(value):
     """``value`` made JSON-comparable (tuples as lists), so a recorded setting compares equal after a reload."""
     return json.loads(json.dumps(value, default=str))
-
-
-@contextlib.contextmanager
-def _logs_to(path: Path):
-    """Send everything written to this process's stdout and stderr to ``path`` (at the file-descriptor level,
-    so logging handlers made earlier with the real streams are redirected too)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def resolve_data(configs: Sequence[str], overrides: Mapping[str, Any], work: Path) -> dict:
@@ -160,7 +141,7 @@ def run_fold(
     run_dir.mkdir(parents=True)
     common = {**overrides, **data, "bundle_root": str(run_dir)}
     start = time.perf_counter()
-    with _logs_to(run_dir / "train.log"):
+    with logs_to(run_dir / "train.log"):
         run("training", config_file=list(configs), num_folds=num_folds, fold=fold, **common)
     train_seconds = time.perf_counter() - start
 
@@ -172,7 +153,7 @@ def run_fold(
             f"planned {sorted(record['held_out'])}: do the configs override train_datalist / val_datalist?"
         )
     start = time.perf_counter()
-    with _logs_to(run_dir / "evaluate.log"):
+    with logs_to(run_dir / "evaluate.log"):
         # no datalist file: evaluation reads the held-out cases from the fold's split record (models/datalist.json)
         eval_settings = {**common, "data_list_file_path": "", "data_list_key": "validation", "progress": False}
         run("run", config_file=list(eval_configs), **eval_settings)
