@@ -27,6 +27,16 @@ TINY = {
 }
 
 
+def messages(error: BaseException) -> str:
+    """Every message in an exception's chain, one ``Type: message`` line each (MONAI wraps errors in config
+    expression and "applying transform" errors, so the cause a check raised is further down)."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return "\n".join(f"{type(e).__name__}: {e}" for e in seen)
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module, so a test can call its ``main``."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

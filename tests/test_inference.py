@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, stack_to_4d
+from helpers import ROOT, messages, stack_to_4d
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.data import ITKWriter, NibabelWriter
@@ -225,7 +225,7 @@ def test_region_output_format_holds_the_painted_regions(tmp_path, demo_dir, bund
     np.testing.assert_array_equal(painted, np.asarray(nib.load(str(labels_out / "Demo_000_seg.nii.gz")).dataobj))
     with pytest.raises(Exception) as error:
         _infer(bundle_root, demo_dir, tmp_path / "bad", output_format="probabilities")
-    assert "probabilities" in _messages(error.value)
+    assert "probabilities" in messages(error.value)
 
 
 def test_a_4d_single_file_case_gives_the_same_map_as_separate_files(tmp_path, demo_dir, bundle_root):
@@ -267,15 +267,6 @@ def test_brats2015_metaimage_case_keeps_its_geometry(tmp_path, demo_dir, bundle_
     np.testing.assert_allclose(saved.affine, np.asarray(source.affine), atol=1e-5)
 
 
-def _messages(error):
-    """The messages of an exception and of its causes (config expressions wrap errors in RuntimeError)."""
-    text = []
-    while error is not None:
-        text.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(text)
-
-
 def _all_files(folder):
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []
 
@@ -293,7 +284,7 @@ def test_a_failing_case_leaves_earlier_results_whole_and_no_partial_file(tmp_pat
     out = tmp_path / "out"
     with pytest.raises(Exception) as error:
         _infer(bundle_root, "", out, data_list_file_path=str(tmp_path / "datalist.json"), progress=False)
-    assert "broken.nii.gz" in _messages(error.value)
+    assert "broken.nii.gz" in messages(error.value)
     assert _all_files(out) == ["good_seg.nii.gz"]
     assert nib.load(str(out / "good_seg.nii.gz")).get_fdata().shape == SHAPE  # complete and readable
 
@@ -319,7 +310,7 @@ def test_an_interrupted_write_leaves_no_file_and_keeps_the_previous_result(
     monkeypatch.setattr("bundle.saving.nib.save", save_half_then_fail)  # label maps with a NIfTI source
     with pytest.raises(Exception) as error:
         _infer(bundle_root, demo_dir, out, progress=False)
-    assert "disk full" in _messages(error.value)
+    assert "disk full" in messages(error.value)
     assert _all_files(out) == ["Demo_000_seg.nii.gz"]
     assert previous.read_bytes() == b"an earlier, complete result"
 
@@ -327,11 +318,11 @@ def test_an_interrupted_write_leaves_no_file_and_keeps_the_previous_result(
 def test_missing_or_mismatched_weights_say_what_to_do(tmp_path, demo_dir, bundle_root):
     with pytest.raises(Exception) as error:
         _infer(tmp_path, demo_dir, tmp_path / "out")
-    assert "Train first" in _messages(error.value) and "model.pt" in _messages(error.value)
+    assert "Train first" in messages(error.value) and "model.pt" in messages(error.value)
     # weights of a [4, 8, 16, 32] segmentor, run without the matching --features override
     with pytest.raises(Exception) as error:
         _infer(bundle_root, demo_dir, tmp_path / "out", features=[8, 16, 32, 64])
-    assert "features [4, 8, 16, 32] and 3 input channel(s)" in _messages(error.value)
+    assert "features [4, 8, 16, 32] and 3 input channel(s)" in messages(error.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -4,7 +4,7 @@ trained for; inference and evaluation take their defaults from the record and re
 import json
 
 import pytest
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, messages
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
@@ -118,9 +118,7 @@ def test_a_training_state_given_as_weights_is_named_with_what_to_use_instead(tra
             num_workers=0,
             progress=False,
         )
-    text = "".join(
-        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None))
-    )
+    text = messages(error.value)
     assert f"'{state}' is a training state" in text
     assert "models/model.pt" in text and "--resume true" in text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -171,9 +169,7 @@ def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_recipe(traine
     )
     with pytest.raises(Exception) as error:  # the weights were trained on t2 and flair: a run on 3 channels is refused
         run("training", bundle_root=str(tmp_path / "refused"), **common)
-    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in "".join(
-        str(e) for e in (error.value, error.value.__cause__, getattr(error.value.__cause__, "__cause__", None))
-    )
+    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in messages(error.value)
     tuned = tmp_path / "tuned"
     run("training", bundle_root=str(tuned), modalities=["t2", "flair"], learning_rate=1e-12, **common)
     recipe = read_recipe(str(tuned / "models" / "model.pt"))

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, messages
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
@@ -61,15 +61,6 @@ def _infer(dataset_dir, output_dir, ckpt_path, **overrides):
     )
 
 
-def _messages(error: BaseException) -> str:
-    """Every message in an exception's chain (MONAI wraps errors in "applying transform" / config errors)."""
-    seen = []
-    while error is not None and error not in seen:
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return "\n".join(f"{type(e).__name__}: {e}" for e in seen)
-
-
 def _files(folder) -> list[str]:
     """Every file under ``folder``, hidden ones included, relative to it."""
     folder = Path(folder)
@@ -98,7 +89,7 @@ def test_non_finite_voxels_are_refused_naming_the_file(tmp_path, demo_dir, weigh
 
     with pytest.raises(Exception) as error:
         _infer(tmp_path / "data", tmp_path / "out", weights)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert f"'{flair}' holds 2 NaN or infinite voxel(s), the first at index [3, 4, 5]" in text
     assert "case 'Demo_000'" in text
     assert _files(tmp_path / "out") == []
@@ -109,7 +100,7 @@ def test_a_non_finite_loss_stops_training_naming_the_iteration_and_nothing_non_f
     # a learning rate this large overflows the weights within an iteration or two
     with pytest.raises(Exception) as error:
         _train(tmp_path, demo_dir, learning_rate=1e30, critic_learning_rate=1e30, max_epochs=2)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert "FloatingPointError: non-finite loss at epoch 1, iteration" in text
     assert "--resume true" in text
     for path in (tmp_path / "models").glob("*.pt"):
@@ -137,7 +128,7 @@ def test_non_finite_weights_are_refused_at_inference_naming_the_file(tmp_path, d
         trained_weights(str(tmp_path / "model.pt"), _network())
     with pytest.raises(Exception) as error:
         _infer(demo_dir, tmp_path / "out", tmp_path / "model.pt")
-    assert "hold NaN or infinite values" in _messages(error.value)
+    assert "hold NaN or infinite values" in messages(error.value)
     assert _files(tmp_path / "out") == []
 
 
@@ -283,12 +274,12 @@ def test_an_empty_datalist_section_stops_the_run_at_start_up_naming_file_and_sec
     datalist.write_text(json.dumps({"training": items, "validation": [], "testing": []}))
     with pytest.raises(Exception) as error:
         _train(tmp_path, demo_dir, data_list_file_path=str(datalist))
-    assert f"datalist file '{datalist}': section 'validation' is empty" in _messages(error.value)
+    assert f"datalist file '{datalist}': section 'validation' is empty" in messages(error.value)
     assert _files(tmp_path / "models") == [] and _files(tmp_path / "eval") == []
 
     with pytest.raises(Exception) as error:
         _infer(demo_dir, tmp_path / "out", "unused.pt", data_list_file_path=str(datalist))
-    assert f"datalist file '{datalist}': section 'testing' is empty" in _messages(error.value)
+    assert f"datalist file '{datalist}': section 'testing' is empty" in messages(error.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -334,7 +325,7 @@ def test_a_bad_image_file_is_named_with_its_case_and_what_is_wrong(tmp_path, dem
     bad_file, what, detail = spoil(case)
     with pytest.raises(Exception) as error:
         _infer(tmp_path / "data", tmp_path / "out", weights)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert "case 'Demo_001': " in text and f"'{bad_file}'" in text
     assert what in text and detail in text
     assert _files(tmp_path / "out") == []
@@ -379,7 +370,7 @@ def test_a_damaged_weights_file_is_named(tmp_path, demo_dir, content):
     (tmp_path / "model.pt").write_bytes(content)
     with pytest.raises(Exception) as error:
         _infer(demo_dir, tmp_path / "out", tmp_path / "model.pt")
-    text = _messages(error.value)
+    text = messages(error.value)
     assert f"cannot load '{tmp_path / 'model.pt'}' ({len(content)} bytes)" in text and "--ckpt_path" in text
     assert _files(tmp_path / "out") == []
 
@@ -393,7 +384,7 @@ def test_an_output_dir_that_cannot_be_a_folder_fails_before_any_case_naming_the_
     output_dir = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "predictions"
     with pytest.raises(Exception) as error:
         _infer(demo_dir, output_dir, weights)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert f"`output_dir` '{output_dir}' is" in text and "--output_dir" in text
     assert "evaluator" not in text  # it never got as far as running the evaluator
     assert _files(tmp_path) == ["taken"]
@@ -465,7 +456,7 @@ def test_a_second_training_into_the_same_state_folder_stops_naming_the_first_one
         assert holder.stdout.readline().strip() == b"locked"
         with pytest.raises(Exception) as error:
             _train(tmp_path, demo_dir, max_epochs=1)
-        text = _messages(error.value)
+        text = messages(error.value)
         assert f"'{states}' is in use by another training (PID {holder.pid})" in text and "--state_dir" in text
         assert _files(tmp_path / "models") == [] and [p for p in _files(states) if p != ".lock"] == []
     finally:
@@ -523,7 +514,7 @@ def test_batch_inference_skips_failed_cases_runs_the_rest_lists_failures_and_exi
     # --continue_on_error false: the first failure stops the run, later cases are not segmented
     with pytest.raises(Exception) as error:
         _infer(data, tmp_path / "strict", weights, continue_on_error=False)
-    assert f"cannot read '{damaged}'" in _messages(error.value)
+    assert f"cannot read '{damaged}'" in messages(error.value)
     assert _files(tmp_path / "strict") == ["Demo_000_seg.nii.gz"]
 
 

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, messages
 from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 from monai.transforms import EnsureChannelFirstd
@@ -46,14 +46,6 @@ def _network():
     parser.read_config(INFERENCE)
     parser.update({"features": TINY["features"]})
     return parser.get_parsed_content("network_def")
-
-
-def _messages(error: BaseException) -> str:
-    seen = []
-    while error is not None and error not in seen:
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return "\n".join(f"{type(e).__name__}: {e}" for e in seen)
 
 
 def _case(demo_dir, case, to) -> Path:
@@ -108,7 +100,7 @@ def test_a_training_set_without_any_foreground_stops_before_training(tmp_path, d
         _rewrite(seg, np.zeros(nib.load(seg).shape, np.uint8))
     with pytest.raises(Exception) as error:
         run("training", config_file=TRAIN, bundle_root=str(tmp_path / "b"), dataset_dir=str(data), **TINY)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert "none of the 2 training label map(s) (Demo_00" in text and "label_convention" in text
     assert not (tmp_path / "b" / "models" / "model.pt").exists()
 
@@ -182,7 +174,7 @@ def test_a_modality_without_signal_is_refused_naming_the_file_unless_allowed(tmp
     run_inference = dict(config_file=INFERENCE, dataset_dir=str(tmp_path / "data"), ckpt_path=str(weights), **SMALL_NET)
     with pytest.raises(Exception) as error:
         run(output_dir=str(tmp_path / "out"), continue_on_error=False, **run_inference)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert f"case 'Demo_003': '{t1ce}' is {'empty' if content == 'zeros' else 'constant over the head'}" in text
     assert "--allow_constant_modality true" in text
     assert not (tmp_path / "out" / "Demo_003_seg.nii.gz").exists()
@@ -201,7 +193,7 @@ def test_output_dir_equal_to_a_flat_brats_folder_is_refused_and_the_ground_truth
     truth = (flat / "Demo_000_seg.nii.gz").read_bytes()
     with pytest.raises(Exception) as error:
         run(config_file=INFERENCE, dataset_dir=str(flat), output_dir=str(flat), ckpt_path=str(weights), **SMALL_NET)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert (
         f"the output of case 'Demo_000', '{flat / 'Demo_000_seg.nii.gz'}', would be written inside dataset_dir" in text
     )
@@ -339,7 +331,7 @@ def test_the_settings_check_runs_before_any_work(tmp_path, demo_dir, weights):
             dataset_dir=str(demo_dir),
             **{**TINY, "max_epochs": "ten"},
         )
-    assert "`max_epochs` is 'ten' (str); it must be an integer >= 1. Fix --max_epochs." in _messages(error.value)
+    assert "`max_epochs` is 'ten' (str); it must be an integer >= 1. Fix --max_epochs." in messages(error.value)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "models").exists()
     with pytest.raises(Exception) as error:
         run(
@@ -350,7 +342,7 @@ def test_the_settings_check_runs_before_any_work(tmp_path, demo_dir, weights):
             threshold=1.5,
             **SMALL_NET,
         )
-    assert "`threshold` is 1.5 (float); it must be a number in (0, 1)" in _messages(error.value)
+    assert "`threshold` is 1.5 (float); it must be a number in (0, 1)" in messages(error.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -394,7 +386,7 @@ def test_an_onnx_export_of_other_weights_is_refused_naming_both_files(tmp_path, 
     )
     with pytest.raises(Exception) as error:  # no record: compared by what it computes
         run(output_dir=str(tmp_path / "out"), ckpt_path=str(models / "model.pt"), **infer)
-    text = _messages(error.value)
+    text = messages(error.value)
     assert f"'{models / 'model.onnx'}' does not compute what the weights in '{models / 'model.pt'}' compute" in text
     assert "onnx_export" in text and not (tmp_path / "out").exists()
     # with the weights it came from: it runs, and the origin is recorded beside it
@@ -403,4 +395,4 @@ def test_an_onnx_export_of_other_weights_is_refused_naming_both_files(tmp_path, 
     # recorded: the hash names the weights it was exported from
     with pytest.raises(Exception) as error:
         run(output_dir=str(tmp_path / "out"), ckpt_path=str(models / "model.pt"), **infer)
-    assert f"was exported from other weights ('{models / 'other.pt'}'" in _messages(error.value)
+    assert f"was exported from other weights ('{models / 'other.pt'}'" in messages(error.value)
