@@ -217,11 +217,10 @@ def start_recipe(path: str) -> dict[str, Any]:
     if recipe:
         logger.info(f"starting from '{path}': network settings from its recipe '{recipe_path(path)}'.")
         return recipe
+    state = _load_state(path)  # a file that does not load, or a training state, is refused here naming it
     try:
-        settings = segmentor_settings(_load_state(path))
-    except ValueError as error:
-        if "training state" in str(error) or "cannot load" in str(error):
-            raise
+        settings = segmentor_settings(state)
+    except ValueError:
         return {}  # weights of another network_def (an overlay's): the config decides, the loader checks
     logger.warning(
         f"'{path}' has no recipe record ('{recipe_path(path)}'): starting from its widths {settings['features']} "
