@@ -268,6 +268,7 @@ class SegANTrainer(AlternatingTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine._backward(loss)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = loss.detach()  # logged as a number: the graph is spent
         engine._update(engine.optimizer)
         engine._end_updates()
         critic.requires_grad_(True)

@@ -120,3 +120,28 @@ def test_moeskops_la_updates_the_segmenter_at_the_discriminator_loss_rate():
     assert rates == {"adversarial_optimizer": 1e-5, "discriminator_optimizer": 1e-5}
     assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == 1e-3
     assert parser["train#state"]["adversarial_optimizer"] == "@adversarial_optimizer"  # saved and resumed
+
+
+#: Items evaluate.json sets differently from inference.json on purpose: the held-out split, stopping at a broken
+#: case instead of skipping it, and the output key the metrics read.
+EVALUATION_CHANGES = {"data_list_key", "continue_on_error", "output_key", "output_format"}
+
+
+def _raw(files) -> dict:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in files])
+    return parser.get()
+
+
+def test_evaluate_json_composes_identically_on_train_json_and_inference_json():
+    """The zoo evaluates with ``[train.json, evaluate.json]``; this bundle also with ``[inference.json,
+    evaluate.json]``. evaluate.json carries every inference item that train.json lacks or defines for training
+    (the recipe record, the slice pipeline), copied unchanged from inference.json, so both compositions define
+    every item evaluation reads the same way: a copy that drifts fails here, naming the item."""
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
+    drifted = [k for k in evaluate if k in inference and k not in EVALUATION_CHANGES and evaluate[k] != inference[k]]
+    assert drifted == [], f"evaluate.json's copies of {drifted} differ from inference.json: copy them again"
+    on_train, on_inference = _raw(["train.json", "evaluate.json"]), _raw(["inference.json", "evaluate.json"])
+    differing = [k for k in on_inference if on_train.get(k) != on_inference[k]]
+    assert differing == [], f"{differing}: copy these items from inference.json into evaluate.json"

@@ -10,9 +10,8 @@ missing required property, and calling ``run()`` and ``finalize()``. Here:
   ``bundle_root`` left to the config so that the copy's own folder is found and written to;
 * inference (``workflow_type="infer"``, ``configs/inference.json``) with the weights of that training: one
   label map per case, on the input's grid;
-* evaluation (``workflow_type="eval"``). The zoo also composes ``[train.json, evaluate.json]``; this bundle does
-  not support that: its ``evaluate.json`` overrides ``configs/inference.json`` (dataset, post-processing,
-  metrics), so evaluation is ``config_file=[inference.json, evaluate.json]``;
+* evaluation (``workflow_type="eval"``), composed both ways: the zoo's ``[train.json, evaluate.json]`` and
+  ``[inference.json, evaluate.json]``, which must write the same per-case numbers;
 * the multi-process training, ``[train.json, multi_gpu_train.json]`` under ``torchrun --nproc_per_node 2``
   on CPU (gloo), every rank running the same ConfigWorkflow steps. This file is its own torchrun worker
   (``python tests/test_zoo_workflow.py <overrides>``), as ``tests/ddp_worker.py`` is for test_multi_gpu.py.
@@ -163,34 +162,49 @@ def test_infer_workflow_writes_one_label_map_per_case_on_the_input_grid(trained,
         assert values.dtype == np.uint8 and set(np.unique(values)) <= {0, 1, 2, 4}
 
 
-def test_eval_workflow_composes_inference_and_evaluate_and_writes_metrics(trained, zoo_data, tmp_path):
-    """Evaluation is ``[inference.json, evaluate.json]``: the zoo's ``[train.json, evaluate.json]`` is not
-    supported, because evaluate.json overrides items of inference.json."""
-    root, record = trained
-    out = tmp_path / "evaluation"
-    flow = workflow(
-        "eval",
-        root,
-        "inference.json",
-        "evaluate.json",
-        dataset_dir=str(zoo_data),
-        output_dir=str(out),
-        ckpt_path=str(root / "models" / "model.pt"),
-        **QUIET,
-    )
-    flow.initialize()
-    assert flow.check_properties() == []
-    assert "dice" in flow.key_metric
-    flow.run()
-    flow.finalize()
+@pytest.fixture(scope="module")
+def evaluations(trained, zoo_data, tmp_path_factory):
+    """The held-out case evaluated through both compositions, with only the paths overridden."""
+    root, _ = trained
+    written = {}
+    for base in ("train.json", "inference.json"):
+        out = tmp_path_factory.mktemp("evaluation")
+        flow = workflow(
+            "eval",
+            root,
+            base,
+            "evaluate.json",
+            dataset_dir=str(zoo_data),
+            output_dir=str(out),
+            ckpt_path=str(root / "models" / "model.pt"),
+            **QUIET,
+        )
+        flow.initialize()
+        written[base] = {"missing": flow.check_properties(), "key_metric": list(flow.key_metric), "out": out}
+        flow.run()
+        flow.finalize()
+    return written
 
-    summary = json.loads((out / "metrics_summary.json").read_text())
+
+@pytest.mark.parametrize("base", ["train.json", "inference.json"])
+def test_eval_workflow_composes_evaluate_on_either_base_and_writes_metrics(trained, evaluations, base):
+    _, record = trained
+    result = evaluations[base]
+    assert result["missing"] == [] and result["key_metric"] == ["dice"]
+    summary = json.loads((result["out"] / "metrics_summary.json").read_text())
     assert summary["num_cases"] == 1  # only the held-out case: the training's split record is read beside model.pt
     dice = summary["metrics"]["dice"]
     assert set(dice) == {"whole_tumor", "tumor_core", "enhancing_tumor"}
     assert all(0.0 <= region["mean"] <= 1.0 for region in dice.values())
-    rows = (out / "metrics_per_case.csv").read_text().splitlines()
+    rows = (result["out"] / "metrics_per_case.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == record["val_cases"]
+
+
+def test_both_evaluation_compositions_give_the_same_per_case_numbers(evaluations):
+    """The tiny network was trained with features the defaults lack: both read them from the recipe record."""
+    tables = [(evaluations[base]["out"] / "metrics_per_case.csv").read_text() for base in ("train.json", "inference.json")]
+    assert tables[0] == tables[1]
+    assert len(tables[0].splitlines()) == 2
 
 
 def _torchrun_available() -> bool:
