@@ -10,11 +10,10 @@ training states), ``speed`` (speed options), ``constants`` and ``files``; ``moes
 et al. 2017, the
 other adversarial system of the source papers.
 
-The configs reach it through one lazily resolved item, ``"segan": "$... pkgutil.resolve_name('bundle')"``,
-rather than ``"$import bundle"``: MONAI evaluates import statements before ``run`` puts the bundle root on
-``sys.path``, and ``monai.bundle.load`` never calls ``run``, so the item first puts ``bundle_root`` on
-``sys.path`` itself. ``bundle_root`` defaults to the folder above the config file the ``ConfigWorkflow`` was
-made from, so a bundle unpacked anywhere finds its code and ``models/`` with nothing installed.
+The configs reach it through one lazily resolved item, ``segan``, rather than ``"$import bundle"``, and find
+the bundle's folder through ``bundle_root``: ``bootstrap`` says how and why (MONAI 1.6 tells a config nothing
+about where its file is, and puts the bundle on ``sys.path`` only in ``run``), so a bundle unpacked anywhere
+finds its code and ``models/`` with nothing installed.
 Submodules are imported on first use (``segan.demo.ensure_demo_data`` imports ``bundle.demo``), so a config
 pays only for the modules it touches.
 """

@@ -185,9 +185,9 @@ def fine_tune_source(init_ckpt: str, ckpt_path: str, resuming: Any = False, firs
       that is empty, or whose first entry is a reference, has none).
     """
     if first_handler is None:
-        from .settings_check import _running_parser
+        from .bootstrap import running_parser
 
-        parser = _running_parser()
+        parser = running_parser()
         handlers = parser.get("train#handlers", []) if parser is not None else []
         first = handlers[0] if isinstance(handlers, list) and handlers else None
         first_handler = first.get("_target_", "") if isinstance(first, Mapping) else ""

@@ -169,9 +169,9 @@ def check_members(ensemble: Any, settings: Mapping[str, Any] | None = None) -> l
 def _parser(parser=None):
     if parser is not None:
         return parser
-    from .settings_check import _running_parser
+    from .bootstrap import running_parser
 
-    found = _running_parser()
+    found = running_parser()
     if found is None:
         raise RuntimeError("ensemble_network() found no ConfigParser to read: pass one, or call it from a config.")
     return found

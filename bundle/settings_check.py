@@ -12,11 +12,11 @@ the message names the key the user set.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
+from .bootstrap import running_parser
 from .constants import MODALITIES, MSD_MODALITIES, REGION_PRESETS
 from .intensity import NORMALIZATION_MODES
 
@@ -171,18 +171,6 @@ def _check_modalities_available(parser, value) -> None:
         )
 
 
-def _running_parser():
-    """The ``ConfigParser`` evaluating the expression that called us (found on the call stack, as ``bundle_root``
-    finds its ``ConfigWorkflow``)."""
-    from monai.bundle import ConfigParser
-
-    for info in inspect.stack(0):
-        owner = info.frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
-            return owner
-    return None
-
-
 def check_settings(parser=None) -> None:
     """Check every key of :data:`SETTINGS` that the config has, in order; raise at the first wrong value.
 
@@ -190,7 +178,7 @@ def check_settings(parser=None) -> None:
         parser: the ``monai.bundle.ConfigParser`` to read; ``None``: the one running this call (configs call
             ``$@segan.settings_check.check_settings()`` from ``start_checks``).
     """
-    parser = parser or _running_parser()
+    parser = parser or running_parser()
     if parser is None:
         raise RuntimeError("check_settings() found no ConfigParser to read: pass one, or call it from a config.")
     for key in SETTINGS:
