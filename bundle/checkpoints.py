@@ -109,6 +109,7 @@ RECIPE_SETTINGS = (
     "skip",
     "modalities",
     "context_slices",
+    "slice_axis",
     "normalization",
     "label_convention",
     "regions",

@@ -30,7 +30,9 @@ from .checkpoints import RECIPE_SETTINGS
 __all__ = [
     "AGREED_SETTINGS",
     "EnsembleNetwork",
+    "logit_of_mean",
     "member_paths",
+    "slice_axes",
     "first_member",
     "check_members",
     "ensemble_network",
@@ -40,8 +42,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Recipe settings every member of an ensemble must share: what the members take as input and what they output.
-#: ``features`` and ``skip`` (the network's widths and skip mode) may differ.
-AGREED_SETTINGS = tuple(name for name in RECIPE_SETTINGS if name not in ("features", "skip"))
+#: ``features`` and ``skip`` (the network's widths and skip mode) may differ, and ``slice_axis`` (a multi-view
+#: ensemble: each member sees the volume along the axis it was trained on).
+AGREED_SETTINGS = tuple(name for name in RECIPE_SETTINGS if name not in ("features", "skip", "slice_axis"))
 
 #: The config keys holding the run's value of each of :data:`AGREED_SETTINGS` (``multiclass`` is parsed there).
 _RUN_KEYS = {name: ("is_multiclass" if name == "multiclass" else name) for name in AGREED_SETTINGS}
@@ -49,47 +52,93 @@ _RUN_KEYS = {name: ("is_multiclass" if name == "multiclass" else name) for name 
 #: Probabilities are kept in ``[eps, 1 - eps]`` before their logit is taken, so that the output stays finite.
 _EPS = 1e-6
 
-_HOW = "Train the members with the same settings (only `features` and `skip` may differ), or drop the odd one."
+_HOW = (
+    "Train the members with the same settings (only `features`, `skip` and `slice_axis` may differ), or drop the "
+    "odd one."
+)
 
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-class EnsembleNetwork(torch.nn.Module):
-    """Member segmentors run on the same input; the output is the logit of their averaged probability.
+def logit_of_mean(outputs: Sequence[tuple[torch.Tensor, int]], multiclass: bool = False) -> torch.Tensor:
+    """The logit of the weighted mean probability of ``outputs``, pairs of (logits, weight).
 
-    Region models (``multiclass`` false): the mean of the members' sigmoids ``p`` is returned as ``log(p / (1 - p))``,
-    so a sigmoid gives the mean back and thresholding it at 0.5 is thresholding the mean. Multiclass models: the
-    mean of the members' softmaxes ``p`` (over the channel axis) is returned as ``log(p)``, whose softmax is ``p``
-    (it sums to 1) and whose argmax is the mean's. Probabilities are clipped to ``[1e-6, 1 - 1e-6]`` first, so
-    the logits are finite (this moves no threshold or argmax). One member is returned as it is, unchanged.
+    Region models: the sigmoids ``p`` are averaged and ``log(p / (1 - p))`` returned, so a sigmoid gives the mean
+    back and thresholding it at 0.5 is thresholding the mean. Multiclass models: the softmaxes over the channel
+    axis are averaged and ``log(p)`` returned, whose softmax is ``p`` (it sums to 1) and whose argmax is the mean's.
+    Probabilities are clipped to ``[1e-6, 1 - 1e-6]`` first, so the logits are finite (this moves no threshold or
+    argmax). A weight counts a logit as that many members (a view's own ensemble).
+    """
+    total, count = None, 0
+    for logits, weight in outputs:
+        logits = logits.float()
+        p = (torch.softmax(logits, dim=1) if multiclass else torch.sigmoid(logits)).mul_(weight)
+        total, count = (p if total is None else total.add_(p)), count + weight
+    mean = total.div_(count).clamp_(_EPS, 1.0 - _EPS)
+    return mean.log_() if multiclass else torch.logit(mean)
+
+
+class EnsembleNetwork(torch.nn.Module):
+    """Member segmentors run on the same input; the output is the logit of their averaged probability
+    (:func:`logit_of_mean`). One member is returned as it is, unchanged.
+
+    Members trained along different axes (``slice_axes``, each member's recipe ``slice_axis``) form a multi-view
+    ensemble: each sees its own view of the volume, so they cannot share slices; :meth:`views` groups them by
+    axis for :class:`bundle.inferers.ForegroundSliceInferer`, which averages every member's probability.
 
     Args:
         members: the member networks (``torch.nn.Module``, or callables such as
             :class:`bundle.inferers.OnnxRuntimeNetwork`), each giving logits of the same shape.
         multiclass: softmax over channels (``True``) or a sigmoid per channel (``False``).
         names: the members' weight files, for messages.
+        slice_axes: the stored axis each member slices along; default all 2 (axial).
     """
 
-    def __init__(self, members: Sequence[torch.nn.Module], multiclass: bool = False, names: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        members: Sequence[torch.nn.Module],
+        multiclass: bool = False,
+        names: Sequence[str] = (),
+        slice_axes: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member network.")
         self.members = torch.nn.ModuleList(members)
         self.multiclass = bool(multiclass)
         self.names = [str(n) for n in names]
+        self.slice_axes = [int(a) for a in slice_axes] or [2] * len(members)
+        if len(self.slice_axes) != len(members):
+            raise ValueError(f"{len(self.slice_axes)} slice axes for {len(members)} ensemble members.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(set(self.slice_axes)) > 1:
+            raise RuntimeError(
+                f"ensemble members slice along axes {self.slice_axes}: run it through "
+                "bundle.inferers.ForegroundSliceInferer, which gives each view its own slices."
+            )
         if len(self.members) == 1:
             return self.members[0](x)
-        total = None
-        for member in self.members:
-            logits = member(x).float()
-            p = torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)
-            total = p if total is None else total.add_(p)
-        mean = total.div_(len(self.members)).clamp_(_EPS, 1.0 - _EPS)
-        return mean.log_() if self.multiclass else torch.logit(mean)
+        return logit_of_mean([(member(x), 1) for member in self.members], self.multiclass)
+
+    def views(self) -> list[tuple[int, torch.nn.Module, int]]:
+        """(slice axis, the ensemble of the members along it, how many they are) per axis, in axis order."""
+        groups = []
+        for axis in sorted(set(self.slice_axes)):
+            chosen = [i for i, a in enumerate(self.slice_axes) if a == axis]
+            if len(chosen) == len(self.members):
+                groups.append((axis, self, len(chosen)))
+                continue
+            part = EnsembleNetwork(
+                [self.members[i] for i in chosen],
+                self.multiclass,
+                [self.names[i] for i in chosen if i < len(self.names)],
+                [axis] * len(chosen),
+            )
+            groups.append((axis, part, len(chosen)))
+        return groups
 
 
 def member_paths(ensemble: Any) -> list[str]:
@@ -115,6 +164,13 @@ def member_paths(ensemble: Any) -> list[str]:
             raise ValueError(f"ensemble lists the same weights twice ('{seen[key]}' and '{path}'): list each once.")
         seen[key] = path
     return paths
+
+
+def slice_axes(ensemble: Any) -> list[int]:
+    """The stored axis each member of ``ensemble`` slices along, from its recipe record (2 where none is recorded)."""
+    from .checkpoints import read_recipe
+
+    return [int(read_recipe(path).get("slice_axis", 2)) for path in member_paths(ensemble)]
 
 
 def first_member(ensemble: Any) -> str:
@@ -214,7 +270,14 @@ def ensemble_network(
     backend = look_up_option(backend, ["pytorch", "onnxruntime"])
     settings = {name: parser.get_parsed_content(key) for name, key in _RUN_KEYS.items()}
     paths = member_paths(ensemble)
-    check_members(paths, settings)
+    recipes = check_members(paths, settings)
+    axes = [int(recipe.get("slice_axis", 2)) for recipe in recipes]
+    if len(set(axes)) > 1 and int(settings.get("context_slices", 0)):
+        raise ValueError(
+            f"ensemble members slice along different axes ({dict(zip(paths, axes))}) and take context_slices "
+            f"{settings['context_slices']}: neighbouring slices are stacked along one axis for all members. Ensemble "
+            "views only of models trained with context_slices 0, or ensemble models of one slice_axis."
+        )
     members: list[torch.nn.Module] = []
     for path in paths:
         network = _member_network(parser, path)
@@ -226,8 +289,9 @@ def ensemble_network(
         trained_weights(path, network)
         network.load_state_dict(_load_state(path))
         members.append(place_network(network, device, channels_last=channels_last, compile=compile))
-    logger.info(f"ensemble of {len(paths)} model(s): {', '.join(paths)}")
-    return EnsembleNetwork(members, multiclass=settings["multiclass"], names=paths).eval()
+    views = "" if len(set(axes)) == 1 else f" along slice axes {axes}"
+    logger.info(f"ensemble of {len(paths)} model(s){views}: {', '.join(paths)}")
+    return EnsembleNetwork(members, multiclass=settings["multiclass"], names=paths, slice_axes=axes).eval()
 
 
 def check_held_out(ensemble: Any, items: Sequence[Mapping], parser=None) -> None:

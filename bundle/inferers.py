@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from monai.inferers import SliceInferer
 
+from .transforms import view_order
+
 __all__ = ["ForegroundSliceInferer", "OnnxRuntimeNetwork"]
 
 
@@ -26,18 +28,51 @@ class ForegroundSliceInferer(SliceInferer):
     other setting (a smaller ``roi_size``, a blend mode other than ``constant``, extra network arguments) goes
     through ``SliceInferer``.
 
+    Views: a volume stays in its stored frame and ``slice_axis`` (0, 1 or 2, :func:`bundle.transforms.view_order`)
+    says which stored axis the network slices along; the volume is permuted to that view for the network and its
+    output permuted back. A multi-view ensemble (:class:`bundle.ensemble.EnsembleNetwork` whose members were
+    trained along different axes) runs each view's members along their own axis and averages all members'
+    probabilities; the output is the logit (log, for multiclass models) of that mean, as for any ensemble.
+
     Args:
         out_channels: channels of the network's output (one per region).
+        slice_axis: the stored axis to slice along; 2 (the default) is the axial one of BraTS-layout volumes.
         args, kwargs: as ``monai.inferers.SliceInferer``.
     """
 
-    def __init__(self, out_channels: int, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, out_channels: int, *args: Any, slice_axis: int = 2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.out_channels = int(out_channels)
+        self.slice_axis = view_order(slice_axis)[-1]
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if 0 in inputs.shape[2:]:
             return torch.zeros((inputs.shape[0], self.out_channels, *inputs.shape[2:]), device=inputs.device)
+        views = getattr(network, "views", None)
+        groups = views() if callable(views) else [(self.slice_axis, network, 1)]
+        if inputs.ndim != 5:  # a 2D image (ISIC): one slice, no view to choose
+            return self._along(inputs, network, 2, *args, **kwargs)
+        if len(groups) == 1:
+            return self._along(inputs, groups[0][1], groups[0][0], *args, **kwargs)
+        from .ensemble import logit_of_mean
+
+        multiclass = bool(getattr(network, "multiclass", False))
+        return logit_of_mean(
+            [(self._along(inputs, members, axis, *args, **kwargs), size) for axis, members, size in groups], multiclass
+        )
+
+    def _along(self, inputs: torch.Tensor, network, slice_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The network's output for ``inputs``, sliced along the stored axis ``slice_axis``."""
+        moved = inputs.ndim == 5 and slice_axis != 2
+        if moved:
+            from monai.utils import convert_to_dst_type
+
+            plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+            output = self._slices(plain.movedim(2 + slice_axis, -1), network, *args, **kwargs)
+            return convert_to_dst_type(output.movedim(-1, 2 + slice_axis), inputs, device=inputs.device)[0]
+        return self._slices(inputs, network, *args, **kwargs)
+
+    def _slices(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._whole_slices(inputs) and not args and not kwargs:
             return self._slice_batches(inputs, network)
         return super().__call__(inputs, network, *args, **kwargs)

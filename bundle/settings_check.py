@@ -99,6 +99,7 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "regions": _regions,
     "modalities": _modalities,
     "context_slices": _integer(0),
+    "slice_axis": _one_of([0, 1, 2]),
     "max_epochs": _integer(1),
     "val_interval": _integer(1),
     "crop_size": _sizes(3),

@@ -26,8 +26,37 @@ __all__ = [
     "RegionsToLabeld",
     "CropForegroundToGridd",
     "ContextSlicesd",
+    "SLICE_AXES",
+    "view_order",
+    "view_grid",
     "source_name",
 ]
+
+#: The stored volume's axes a 2D network may slice along (``slice_axis``): 2, the third axis, is the axial one of
+#: BraTS-layout volumes (the paper's slices); 0 and 1 give the sagittal and coronal views.
+SLICE_AXES = (0, 1, 2)
+
+
+def view_order(slice_axis: int) -> list[int]:
+    """The spatial axes of a volume seen along ``slice_axis``: the other two in their stored order, then it.
+
+    A volume permuted so (``torch.movedim(axis, -1)`` on the spatial axes) has its slices along the last axis,
+    where training draws them and the sliding-slice inferer runs; ``slice_axis`` 2 is the identity.
+    """
+    axis = int(slice_axis)
+    if axis not in SLICE_AXES:
+        raise ValueError(
+            f"slice_axis must be one of {list(SLICE_AXES)} (the stored volume's axis to slice along), got {slice_axis!r}."
+        )
+    return [a for a in SLICE_AXES if a != axis] + [axis]
+
+
+def view_grid(slice_axes: Sequence[int], in_plane: int, across: int = 1) -> list[int]:
+    """Per stored axis, ``in_plane`` on an axis some view in ``slice_axes`` sees in plane, ``across`` on one every
+    view slices along: the multiple a volume is padded to (the network's down-sampling factor, 1 across slices) or
+    the foreground crop's margin (context in plane, none across slices)."""
+    axes = {view_order(a)[-1] for a in slice_axes}
+    return [across if axes == {a} else in_plane for a in SLICE_AXES]
 
 
 def source_name(data: Mapping, key: Hashable) -> str:
@@ -278,14 +307,19 @@ class ContextSlicesd(MapTransform):
     and a 2D network that reads one axial slice of the result sees 2k+1 neighbouring slices of every
     modality. Beyond the volume's first and last slice the edge slice is repeated. Applied to the
     preprocessed volume before slices are drawn in training and before the sliding-slice inferer runs,
-    it gives both the same neighbours. ``context_slices=0`` returns the input unchanged.
+    it gives both the same neighbours. ``context_slices=0`` returns the input unchanged. ``slice_axis`` is the
+    spatial axis slices are cut along (:func:`view_order`): the last, 2, in training, which permutes each volume to
+    its view first; the stored one in inference, which keeps the stored frame and permutes in the inferer.
     """
 
-    def __init__(self, keys: KeysCollection, context_slices: int = 0, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, context_slices: int = 0, slice_axis: int = 2, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if int(context_slices) < 0:
             raise ValueError(f"context_slices must be >= 0 (neighbours on each side), got {context_slices}.")
         self.context_slices = int(context_slices)
+        self.slice_axis = view_order(slice_axis)[-1]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -298,8 +332,9 @@ class ContextSlicesd(MapTransform):
                     f"{source_name(d, key)}: context_slices needs a channel-first 3D volume (C, H, W, D), "
                     f"got shape {tuple(image.shape)}."
                 )
-            index = context_slice_indices(image.shape[-1], self.context_slices).to(image.device)
-            stacked = torch.cat([image[..., row] for row in index], dim=0)
+            dim = 1 + self.slice_axis
+            index = context_slice_indices(image.shape[dim], self.context_slices).to(image.device)
+            stacked = torch.cat([image.index_select(dim, row) for row in index], dim=0)
             if isinstance(image, MetaTensor):
                 stacked = MetaTensor(stacked.as_tensor(), meta=image.meta, applied_operations=image.applied_operations)
             d[key] = stacked

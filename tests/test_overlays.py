@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, load_script
 from monai.bundle import ConfigParser
 
 CONFIGS = ROOT / "configs"
@@ -135,13 +135,33 @@ def _raw(files) -> dict:
 
 def test_evaluate_json_composes_identically_on_train_json_and_inference_json():
     """The zoo evaluates with ``[train.json, evaluate.json]``; this bundle also with ``[inference.json,
-    evaluate.json]``. evaluate.json carries every inference item that train.json lacks or defines for training
-    (the recipe record, the slice pipeline), copied unchanged from inference.json, so both compositions define
-    every item evaluation reads the same way: a copy that drifts fails here, naming the item."""
+    evaluate.json]``. train.json ends with the inference pipeline items it lacks and evaluate.json starts with the
+    recipe-read items and run lists (scripts/copy_inference_items.py), each copied unchanged from inference.json,
+    so both compositions define every item evaluation reads the same way: a stale copy fails here, naming it."""
+    copier = load_script("copy_inference_items")
+    fix = "run `python scripts/copy_inference_items.py`"
     inference = json.loads((CONFIGS / "inference.json").read_text())
+    train = json.loads((CONFIGS / "train.json").read_text())
     evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
-    drifted = [k for k in evaluate if k in inference and k not in EVALUATION_CHANGES and evaluate[k] != inference[k]]
-    assert drifted == [], f"evaluate.json's copies of {drifted} differ from inference.json: copy them again"
+    train_copies = dict(list(train.items())[list(train).index(copier.TRAIN_LAST) + 1 :])
+    evaluate_copies = dict(list(evaluate.items())[: list(evaluate).index(copier.EVALUATE_FIRST)])
+    assert (list(train_copies), list(evaluate_copies)) == copier.plan(CONFIGS), f"the copied items changed: {fix}"
+    copies = {**train_copies, **evaluate_copies}
+    stale = sorted(k for k, v in copies.items() if v != inference[k])
+    assert stale == [], f"the copies of {stale} differ from inference.json: {fix}"
     on_train, on_inference = _raw(["train.json", "evaluate.json"]), _raw(["inference.json", "evaluate.json"])
     differing = [k for k in on_inference if on_train.get(k) != on_inference[k]]
-    assert differing == [], f"{differing}: copy these items from inference.json into evaluate.json"
+    assert differing == [], f"{differing} differ between the two compositions: {fix}"
+
+
+def test_an_overlay_before_evaluate_json_keeps_its_pipeline_items():
+    """``['inference.json', <overlay>, 'evaluate.json']``: evaluate.json re-states only what the weights' recipe
+    decides, so an overlay's loading, inferer or post-processing (ISIC's 2D images, 3D SegAN's sliding window)
+    is what evaluation runs."""
+    for overlay, items in {
+        "isic_inference.json": ("image_transforms", "inferer", "prediction_transforms"),
+        "segan3d_inference.json": ("inferer", "roi_size"),
+    }.items():
+        alone = json.loads((CONFIGS / overlay).read_text())
+        composed = _raw(["inference.json", overlay, "evaluate.json"])
+        assert all(composed[item] == alone[item] for item in items), overlay

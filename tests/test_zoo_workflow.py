@@ -202,7 +202,9 @@ def test_eval_workflow_composes_evaluate_on_either_base_and_writes_metrics(train
 
 def test_both_evaluation_compositions_give_the_same_per_case_numbers(evaluations):
     """The tiny network was trained with features the defaults lack: both read them from the recipe record."""
-    tables = [(evaluations[base]["out"] / "metrics_per_case.csv").read_text() for base in ("train.json", "inference.json")]
+    tables = [
+        (evaluations[base]["out"] / "metrics_per_case.csv").read_text() for base in ("train.json", "inference.json")
+    ]
     assert tables[0] == tables[1]
     assert len(tables[0].splitlines()) == 2
 
