@@ -58,9 +58,9 @@ def plan(configs: Path = CONFIGS) -> tuple[list[str], list[str]]:
     return for_train, for_evaluate
 
 
-def main(configs: str = str(CONFIGS)) -> None:
+def main(configs: str = "") -> None:
     """Rewrite the copied blocks of train.json and evaluate.json from inference.json."""
-    folder = Path(configs)
+    folder = Path(configs) if configs else CONFIGS
     inference = json.loads((folder / "inference.json").read_text())
     for_train, for_evaluate = plan(folder)
 
