@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .phantom import CONTRASTS, check_shape, difficulty_settings, make_demo_case
+from .phantom import CAVITY_LABEL, CONTRASTS, check_shape, difficulty_settings, make_demo_case
 
 __all__ = ["DEMO_MANIFEST", "DEMO_LABELS", "make_demo_dataset", "ensure_demo_data"]
 
@@ -216,12 +216,13 @@ def make_demo_dataset(
             _save_nifti(_in_frame(label, frame), affine, tmp / case / names["seg"])
             # the head (manifest statistics) is what is non-zero without the air's noise
             head = (make_demo_case(shape, seed, i, difficulty)[0] if background_noise else images)["t1"] > 0
+            tumour = (label > 0) & ~((label == CAVITY_LABEL) & (convention == "brats2024"))  # the cavity is no tumour
             cases.append(
                 {
                     "case": case,
                     "label_voxels": {v: int((label == int(v)).sum()) for v in DEMO_LABELS[convention] if v != "0"},
-                    "tumour_fraction_of_head": round(float((label > 0).sum() / max(head.sum(), 1)), 4),
-                    "axial_slices_with_tumour": int((label > 0).any(axis=(0, 1)).sum()),
+                    "tumour_fraction_of_head": round(float(tumour.sum() / max(head.sum(), 1)), 4),
+                    "axial_slices_with_tumour": int(tumour.any(axis=(0, 1)).sum()),
                     "axial_slices_with_head": int(head.any(axis=(0, 1)).sum()),
                     "intensity_max": {c: round(float(images[c].max()), 1) for c in CONTRASTS},
                 }
