@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import ROOT, load_script
+from monai.bundle import ConfigParser
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import read_recipe
@@ -92,3 +93,19 @@ def test_train_infer_evaluate_and_package_with_the_post_treatment_labels(
     with zipfile.ZipFile(archive) as z:
         name = next(n for n in z.namelist() if n.endswith("configs/metadata.json"))
         assert _info_labels(json.loads(z.read(name))) == LABELS
+
+
+@pytest.mark.parametrize(
+    "multiclass, channels, values",
+    [
+        (False, REGIONS, [4, 2, 1, 3]),
+        (True, ["background", "necrotic_core", "edema", "enhancing_tumor", "resection_cavity"], [0, 1, 2, 3, 4]),
+    ],
+)
+def test_train_json_builds_the_brats2024_outputs_with_and_without_softmax(multiclass, channels, values):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update({"label_convention": "brats2024", "multiclass": multiclass})
+    assert parser.get_parsed_content("region_names") == channels
+    assert parser.get_parsed_content("region_labels") == values
+    assert parser.get_parsed_content("out_channels") == len(channels)
