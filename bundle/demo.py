@@ -6,6 +6,11 @@ reads them like the real thing, with a manifest written last that marks the data
 :func:`ensure_demo_data` (what ``configs/demo.json`` calls) writes it only when it is not there yet.
 ``difficulty`` (0 = the default demo, 1 = hard; ``bundle.phantom.DIFFICULTY_RANGE``) makes a dataset on
 which methods no longer all saturate (``scripts/ablation.py``).
+
+``label_convention`` picks the BraTS release the dataset imitates: ``"brats"`` (the default, 2018-2021 names and
+values 1, 2, 4), ``"brats2023"`` (the BraTS 2023+ layout ``<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``, cases
+``BraTS-DEMO-<5 digits>-000``, values 1 NETC, 2 SNFH, 3 ET) or ``"brats2024"`` (the same, plus a resection cavity
+labelled 4 RC in every case: the BraTS 2024 post-treatment glioma labels, de Verdier et al. 2024).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .phantom import CONTRASTS, check_shape, difficulty_settings, make_demo_case
+from .phantom import CAVITY_LABEL, CONTRASTS, check_shape, difficulty_settings, make_demo_case
 
-__all__ = ["DEMO_MANIFEST", "make_demo_dataset", "ensure_demo_data"]
+__all__ = ["DEMO_MANIFEST", "DEMO_LABELS", "make_demo_dataset", "ensure_demo_data"]
 
 #: File written last into a generated dataset; it records the parameters and marks the dataset complete.
 DEMO_MANIFEST = "demo.json"
@@ -31,6 +36,24 @@ DEMO_MANIFEST = "demo.json"
 _GENERATOR_VERSION = 1
 # File suffix per contrast, in the BraTS 2018-2021 naming ("t1ce" is our "t1c").
 _FILE_SUFFIXES = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
+# ... and in the BraTS 2023+ naming
+_FILE_SUFFIXES_2023 = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
+#: What the demo's label values mean, per ``label_convention`` it can imitate.
+DEMO_LABELS = {
+    "brats": {"0": "background", "1": "necrotic core", "2": "edema", "4": "enhancing tumour"},
+    "brats2023": {"0": "background", "1": "necrotic core", "2": "edema", "3": "enhancing tumour"},
+    "brats2024": {
+        "0": "background",
+        "1": "necrotic core",
+        "2": "edema",
+        "3": "enhancing tumour",
+        "4": "resection cavity",
+    },
+}
+_LAYOUTS = {
+    "brats": "BraTS 2018-2021 NIfTI: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+    "brats2023": "BraTS 2023+ NIfTI: <case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz",
+}
 
 
 def _affine(shape) -> np.ndarray:
@@ -49,12 +72,34 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, str(path))
 
 
-def _case_name(index: int) -> str:
-    return f"Demo_{index:03d}"
+def _check_convention(label_convention: str) -> str:
+    if label_convention not in DEMO_LABELS:
+        raise ValueError(
+            f"demo label_convention {label_convention!r} is not one the demo imitates: choose one of "
+            f"{', '.join(DEMO_LABELS)}."
+        )
+    return label_convention
+
+
+def _case_name(index: int, label_convention: str = "brats") -> str:
+    return f"Demo_{index:03d}" if label_convention == "brats" else f"BraTS-DEMO-{index:05d}-000"
+
+
+def _file_names(case: str, label_convention: str = "brats") -> dict[str, str]:
+    """File name of each contrast and of the label (``"seg"``) of ``case`` in the layout of ``label_convention``."""
+    if label_convention == "brats":
+        return {**{c: f"{case}_{s}.nii.gz" for c, s in _FILE_SUFFIXES.items()}, "seg": f"{case}_seg.nii.gz"}
+    return {**{c: f"{case}-{s}.nii.gz" for c, s in _FILE_SUFFIXES_2023.items()}, "seg": f"{case}-seg.nii.gz"}
 
 
 def _manifest_params(
-    num_cases: int, shape, seed: int, difficulty: float = 0.0, background_noise: float = 0.0, frame=None
+    num_cases: int,
+    shape,
+    seed: int,
+    difficulty: float = 0.0,
+    background_noise: float = 0.0,
+    frame=None,
+    label_convention: str = "brats",
 ) -> dict:
     params = {
         "generator_version": _GENERATOR_VERSION,
@@ -67,6 +112,8 @@ def _manifest_params(
         params["background_noise"] = float(background_noise)
     if frame is not None:
         params["frame"] = list(frame)
+    if label_convention != "brats":  # absent from manifests written before the setting existed
+        params["label_convention"] = label_convention
     return params
 
 
@@ -101,10 +148,13 @@ def _is_complete(output_dir: Path, params: dict) -> bool:
     content.setdefault("difficulty", 0.0)  # written before the setting existed: the default demo
     if {k: content.get(k) for k in params} != params or content.get("frame") != params.get("frame"):
         return False
+    if content.get("label_convention") != params.get("label_convention"):
+        return False
+    convention = params.get("label_convention", "brats")
     for i in range(params["num_cases"]):
-        case = _case_name(i)
-        for suffix in (*_FILE_SUFFIXES.values(), "seg"):
-            if not (output_dir / case / f"{case}_{suffix}.nii.gz").is_file():
+        case = _case_name(i, convention)
+        for name in _file_names(case, convention).values():
+            if not (output_dir / case / name).is_file():
                 return False
     return True
 
@@ -118,8 +168,12 @@ def make_demo_dataset(
     difficulty: float = 0.0,
     background_noise: float = 0.0,
     frame=None,
+    label_convention: str = "brats",
 ) -> str:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in the BraTS 2018-2021 NIfTI layout; return ``output_dir``.
+
+    With ``label_convention`` ``"brats2023"`` or ``"brats2024"`` the cases are in the BraTS 2023+ layout and
+    label values instead, brats2024 with a resection cavity (see the module docstring).
 
     ``frame`` (e.g. ``[240, 240, 155]``) centres each ``shape`` head in a larger volume of zeros, as a BraTS brain
     sits in its 240x240x155 frame with air around it (default: the volume is the head's box). Cases are called
@@ -139,7 +193,8 @@ def make_demo_dataset(
         )
     difficulty_settings(difficulty)  # checked before anything is written
     frame = _check_frame(frame, shape)
-    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)
+    convention = _check_convention(label_convention)
+    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame, convention)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -148,20 +203,26 @@ def make_demo_dataset(
         cases = []
         start = time.perf_counter()
         for i in tqdm(range(int(num_cases)), desc="demo cases", unit="case", disable=not progress):
-            images, label = make_demo_case(shape, seed, i, difficulty, background_noise)
-            case = _case_name(i)
+            images, label = make_demo_case(
+                shape, seed, i, difficulty, background_noise, resection_cavity=convention == "brats2024"
+            )
+            if convention == "brats2023":
+                label[label == 4] = 3  # the BraTS 2023+ enhancing label
+            case = _case_name(i, convention)
+            names = _file_names(case, convention)
             (tmp / case).mkdir()
-            for contrast, suffix in _FILE_SUFFIXES.items():
-                _save_nifti(_in_frame(images[contrast], frame), affine, tmp / case / f"{case}_{suffix}.nii.gz")
-            _save_nifti(_in_frame(label, frame), affine, tmp / case / f"{case}_seg.nii.gz")
+            for contrast in _FILE_SUFFIXES:
+                _save_nifti(_in_frame(images[contrast], frame), affine, tmp / case / names[contrast])
+            _save_nifti(_in_frame(label, frame), affine, tmp / case / names["seg"])
             # the head (manifest statistics) is what is non-zero without the air's noise
             head = (make_demo_case(shape, seed, i, difficulty)[0] if background_noise else images)["t1"] > 0
+            tumour = (label > 0) & ~((label == CAVITY_LABEL) & (convention == "brats2024"))  # the cavity is no tumour
             cases.append(
                 {
                     "case": case,
-                    "label_voxels": {str(v): int((label == v).sum()) for v in (1, 2, 4)},
-                    "tumour_fraction_of_head": round(float((label > 0).sum() / max(head.sum(), 1)), 4),
-                    "axial_slices_with_tumour": int((label > 0).any(axis=(0, 1)).sum()),
+                    "label_voxels": {v: int((label == int(v)).sum()) for v in DEMO_LABELS[convention] if v != "0"},
+                    "tumour_fraction_of_head": round(float(tumour.sum() / max(head.sum(), 1)), 4),
+                    "axial_slices_with_tumour": int(tumour.any(axis=(0, 1)).sum()),
                     "axial_slices_with_head": int(head.any(axis=(0, 1)).sum()),
                     "intensity_max": {c: round(float(images[c].max()), 1) for c in CONTRASTS},
                 }
@@ -169,8 +230,8 @@ def make_demo_dataset(
         manifest = {
             **params,
             "difficulty_settings": difficulty_settings(difficulty),
-            "layout": "BraTS 2018-2021 NIfTI: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
-            "labels": {"0": "background", "1": "necrotic core", "2": "edema", "4": "enhancing tumour"},
+            "layout": _LAYOUTS.get(convention, _LAYOUTS["brats2023"]),
+            "labels": DEMO_LABELS[convention],
             "seconds": round(time.perf_counter() - start, 2),
             "cases": cases,
         }
@@ -210,18 +271,19 @@ def ensure_demo_data(
     difficulty: float = 0.0,
     background_noise: float = 0.0,
     frame=None,
+    label_convention: str = "brats",
 ) -> str:
     """Return ``output_dir`` after making sure it holds the demo dataset for these parameters.
 
     Nothing is written when ``output_dir`` already holds a complete demo dataset made with the same
-    ``num_cases``, ``shape``, ``seed`` and ``difficulty`` (checked through its ``demo.json`` manifest and the case files);
-    otherwise it is generated with :func:`make_demo_dataset`.
+    ``num_cases``, ``shape``, ``seed``, ``difficulty`` and ``label_convention`` (checked through its ``demo.json``
+    manifest and the case files); otherwise it is generated with :func:`make_demo_dataset`.
     """
     shape = check_shape(shape)
     frame = _check_frame(frame, shape)
-    if not _is_complete(
-        Path(output_dir), _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame)
-    ):
+    convention = _check_convention(label_convention)
+    params = _manifest_params(num_cases, shape, seed, difficulty, background_noise, frame, convention)
+    if not _is_complete(Path(output_dir), params):
         make_demo_dataset(
             output_dir,
             num_cases=num_cases,
@@ -231,5 +293,6 @@ def ensure_demo_data(
             difficulty=difficulty,
             background_noise=background_noise,
             frame=frame,
+            label_convention=convention,
         )
     return str(output_dir)

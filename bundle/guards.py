@@ -237,6 +237,6 @@ def require_foreground(dataset, regions, key: str = "label") -> bool:
         raise ValueError(
             f"none of the {len(data)} training label map(s) ({shown}{' ...' if len(data) > 5 else ''}) holds a voxel "
             f"of any region {values}: the segmentor would learn to paint nothing. Check that the labels are the ground "
-            "truth and that `label_convention` (brats, brats2023, msd) or `regions` match their values."
+            "truth and that `label_convention` (brats, brats2023, brats2024, msd) or `regions` match their values."
         )
     return found

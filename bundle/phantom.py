@@ -35,7 +35,12 @@ __all__ = [
     "check_shape",
     "make_demo_case",
     "border_label_noise",
+    "CAVITY_LABEL",
 ]
+
+#: Label value of the resection cavity that :func:`make_demo_case` paints with ``resection_cavity=True`` (the
+#: BraTS 2024 post-treatment glioma label RC, de Verdier et al. 2024).
+CAVITY_LABEL = 4
 
 _MIN_SIZE = 24
 
@@ -49,6 +54,8 @@ _TISSUE = {
     "edema": (0.38, 0.40, 0.82, 0.74),
     "enhancing": (0.42, 0.95, 0.62, 0.62),
     "necrosis": (0.22, 0.20, 0.90, 0.50),
+    # a resection cavity (post-treatment): fluid, dark on T1/T1c, bright on T2, its FLAIR a little above CSF's
+    "cavity": (0.18, 0.20, 0.95, 0.22),
 }
 #: The contrasts of a case, in the order :func:`make_demo_case` draws them.
 CONTRASTS = ("t1", "t1c", "t2", "flair")
@@ -169,8 +176,33 @@ def _tumour(rng, shape, brain, head_center, head_radii, size: float = 1.0):
     raise RuntimeError(f"could not place a tumour with necrosis, rim and edema in a volume of shape {shape}.")
 
 
+def _cavity(rng, shape, brain, tumour, head_center, head_radii):
+    """A resection cavity: soft membership and hard mask of an ellipsoid in the brain, outside every tumour.
+
+    Its centre is drawn like a tumour's; the radii are 20-30 % of the head's. A draw with fewer than 8 voxels
+    left outside the tumours is drawn again.
+    """
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    for _ in range(200):
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        center = np.asarray(head_center) + direction * 0.5 * rng.uniform(0.0, 1.0) * np.asarray(head_radii)
+        radii = np.maximum(np.asarray(head_radii) * rng.uniform(0.2, 0.3) * rng.uniform(0.8, 1.2, 3), 2.5)
+        distance = _ellipsoid_distance(grid, center, radii)
+        hard = (distance < 1) & brain & ~tumour
+        if hard.sum() >= 8:
+            soft = _ramp(distance, 1.5 / float(np.mean(radii))) * brain * ~tumour
+            return soft, hard
+    raise RuntimeError(f"could not place a resection cavity outside the tumours in a volume of shape {shape}.")
+
+
 def make_demo_case(
-    shape=(96, 96, 64), seed: int = 0, index: int = 0, difficulty: float = 0.0, background_noise: float = 0.0
+    shape=(96, 96, 64),
+    seed: int = 0,
+    index: int = 0,
+    difficulty: float = 0.0,
+    background_noise: float = 0.0,
+    resection_cavity: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Arrays of one synthetic case: ``({"t1", "t1c", "t2", "flair"} -> float32 (H, W, D), uint8 label)``.
 
@@ -181,6 +213,10 @@ def make_demo_case(
     ``background_noise`` > 0 fills the air outside the head with Rician (Rayleigh) noise whose sigma is that
     fraction of the case's mean head intensity (per contrast), as in scans that are not skull-stripped and
     masked; 0 leaves the air at exactly 0, as in BraTS. The head and labels are the same either way.
+    ``resection_cavity`` adds a post-treatment resection cavity (fluid-filled, label ``CAVITY_LABEL``) in the
+    brain outside the tumours, drawn from a stream of its own so the tumours are those of the case without it;
+    the label map then has the BraTS 2024 post-treatment values (de Verdier et al. 2024): 1 non-enhancing
+    tumour core, 2 surrounding FLAIR hyperintensity, 3 enhancing tissue, 4 resection cavity.
     """
     shape = check_shape(shape)
     settings = difficulty_settings(difficulty)
@@ -218,6 +254,12 @@ def make_demo_case(
     label[hard["edema"]] = 2
     label[hard["core"]] = 4
     label[hard["necrosis"]] = 1
+    cavity = None
+    if resection_cavity:
+        cavity_rng = np.random.default_rng([int(seed), int(index), 2])
+        cavity, cavity_hard = _cavity(cavity_rng, shape, brain, hard["edema"], head_center, head_radii)
+        label[hard["core"] & ~hard["necrosis"]] = 3  # BraTS 2023+ enhancing, so that 4 can be the cavity
+        label[cavity_hard] = CAVITY_LABEL
     if settings["border_label_noise"] > 0:
         label = border_label_noise(
             label, settings["border_label_noise"], np.random.default_rng([int(seed), int(index), 1])
@@ -244,6 +286,8 @@ def make_demo_case(
         image = image * (1 - soft["edema"]) + soft["edema"] * t["edema"] * tumour_tex
         image = image * (1 - soft["core"]) + soft["core"] * t["enhancing"] * tumour_tex
         image = image * (1 - soft["necrosis"]) + soft["necrosis"] * t["necrosis"] * tumour_tex
+        if cavity is not None:
+            image = image * (1 - cavity) + cavity * t["cavity"]
         # smooth multiplicative bias field: exp of a random quadratic polynomial, about +-15 % by default
         a = rng.normal(0.0, 1.0, 9)
         x, y, z = coords

@@ -190,7 +190,7 @@ class LabelToRegionsd(MapTransform):
             if unknown:
                 raise ValueError(
                     f"{source_name(d, key)}: label values {unknown} belong to no region of {self.regions}. "
-                    "Set `label_convention` (brats, brats2023, msd) or `regions` to match your labels."
+                    "Set `label_convention` (brats, brats2023, brats2024, msd) or `regions` to match your labels."
                 )
             maps = [torch.isin(label_t[0], torch.tensor(vals, device=label_t.device)) for vals in self.regions.values()]
             out = torch.stack(maps).to(self.dtype)

@@ -4,6 +4,8 @@
 
 ``--difficulty`` (0 = the default demo, 1 = hard: more noise and bias, fainter and smaller tumours, noisy label
 borders; ``bundle.phantom.DIFFICULTY_RANGE``) makes a dataset on which methods no longer all saturate.
+``--label_convention brats2023`` or ``brats2024`` writes the BraTS 2023+ layout and label values instead, brats2024
+with a resection cavity (label 4) in every case (``bundle.demo``).
 
 An existing demo dataset made with the same parameters is kept; pass ``--overwrite`` to regenerate it.
 """
@@ -29,15 +31,22 @@ def main(
     seed: int = 0,
     overwrite: bool = False,
     difficulty: float = 0.0,
+    label_convention: str = "brats",
 ) -> None:
     """Write ``num_cases`` cases of size ``shape`` to ``output_dir`` and print a summary of what was made."""
     start = time.perf_counter()
     manifest_file = Path(output_dir) / DEMO_MANIFEST
     before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
-    if overwrite:
-        make_demo_dataset(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True, difficulty=difficulty)
-    else:
-        ensure_demo_data(output_dir, num_cases=num_cases, shape=shape, seed=seed, progress=True, difficulty=difficulty)
+    make = make_demo_dataset if overwrite else ensure_demo_data
+    make(
+        output_dir,
+        num_cases=num_cases,
+        shape=shape,
+        seed=seed,
+        progress=True,
+        difficulty=difficulty,
+        label_convention=label_convention,
+    )
     seconds = time.perf_counter() - start
 
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))

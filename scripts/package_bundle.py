@@ -139,11 +139,32 @@ def _metadata(metadata: dict, recipe: dict) -> dict:
     else:
         names = {int(v): name for name, v in zip(regions, values)}
     labels = {"0": "background", **{str(v): names[v] for v in sorted(names) if v != 0}}
+    multiclass = bool(recipe.get("multiclass", False))
+    if multiclass or regions != REGION_PRESETS["brats"]:  # the texts of configs/metadata.json describe that one
+        metadata.update(_class_texts(convention, regions, multiclass))
     formats["outputs"]["pred"]["num_channels"] = len(regions)
     formats["outputs"]["pred"]["channel_def"] = labels
     formats["post_processed_outputs"]["pred"]["channel_def"] = labels
     formats["post_processed_outputs"]["pred"]["value_range"] = [int(v) for v in labels]
     return metadata
+
+
+def _class_texts(convention: str, regions: dict, multiclass: bool) -> dict[str, str]:
+    """``label_classes`` and ``pred_classes`` describing the output channels of weights trained for ``regions``."""
+    channels = ", ".join(
+        f"channel {i} {name} ({', '.join(str(v) for v in values)})" for i, (name, values) in enumerate(regions.items())
+    )
+    kind = "classes (mutually exclusive)" if multiclass else "binary region maps"
+    activation = "softmax, then argmax" if multiclass else "sigmoid, then threshold 0.5"
+    return {
+        "label_classes": f"{len(regions)} {kind} made from the label values (label_convention '{convention}'): {channels}",
+        "pred_classes": (
+            f"{len(regions)} logits, one per channel of label_classes: {activation} (the raw outputs are logits, not "
+            "probabilities). The inference post-processing turns them into one uint8 label map whose values "
+            "channel_def names; outputs.pred.channel_def names these label values too, since MONAI Label lists a "
+            "bundle's labels from it"
+        ),
+    }
 
 
 #: the url ``large_files.yml`` gives a weight file when no ``--base_url`` says where it will be downloadable

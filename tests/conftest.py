@@ -34,3 +34,35 @@ def demo_dir(tmp_path_factory) -> Path:
     before = _listing(out)
     yield out
     assert _listing(out) == before, f"a test changed the shared demo dataset {out}; copy the cases it modifies"
+
+
+@pytest.fixture(scope="session")
+def post_treatment_dir(tmp_path_factory) -> Path:
+    """A small demo dataset with the BraTS 2024 post-treatment labels (1 NETC, 2 SNFH, 3 ET, 4 RC, a resection
+    cavity in every case), in the BraTS 2023+ layout: 4 cases of 40x40x24 voxels, seed 1. Read-only, as ``demo_dir``."""
+    from bundle.demo import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo2024") / "data"
+    make_demo_dataset(str(out), num_cases=4, shape=(40, 40, 24), seed=1, label_convention="brats2024")
+    before = _listing(out)
+    yield out
+    assert _listing(out) == before, f"a test changed the shared post-treatment dataset {out}; copy what it modifies"
+
+
+@pytest.fixture(scope="session")
+def post_treatment_bundle(tmp_path_factory, post_treatment_dir) -> Path:
+    """A bundle root whose ``models/model.pt`` is a tiny segmentor trained 1 epoch on ``post_treatment_dir`` with
+    ``--label_convention brats2024`` through ``monai.bundle run`` (its recipe records the convention)."""
+    from helpers import TINY
+    from monai.bundle.scripts import run
+
+    root = tmp_path_factory.mktemp("bundle2024")
+    run(
+        "training",
+        config_file=str(ROOT / "configs" / "train.json"),
+        bundle_root=str(root),
+        dataset_dir=str(post_treatment_dir),
+        label_convention="brats2024",
+        **{**TINY, "max_epochs": 1},
+    )
+    return root

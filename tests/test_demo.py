@@ -191,3 +191,25 @@ def test_a_frame_centres_each_head_in_air_as_in_a_brats_volume(tmp_path):
     assert ensure_demo_data(str(out), num_cases=1, shape=(24, 24, 24), frame=(40, 36, 28)) == str(out)
     with pytest.raises(ValueError, match="at least the head"):
         make_demo_dataset(str(tmp_path / "bad"), num_cases=1, shape=(30, 24, 24), frame=(28, 36, 28))
+
+
+def test_a_brats2024_demo_has_the_post_treatment_labels_and_a_cavity_outside_the_tumour(tmp_path):
+    out = Path(
+        make_demo_dataset(tmp_path / "d24", num_cases=2, shape=(32, 32, 24), seed=0, label_convention="brats2024")
+    )
+    cases = find_cases(str(out))
+    assert [c["case"] for c in cases] == ["BraTS-DEMO-00000-000", "BraTS-DEMO-00001-000"]  # the BraTS 2023+ layout
+    assert cases[0]["image"][0].endswith("BraTS-DEMO-00000-000-t1n.nii.gz")
+    for index, case in enumerate(cases):
+        label = np.asarray(nib.load(str(out / case["label"])).dataobj)
+        assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+        _, brats = make_demo_case((32, 32, 24), seed=0, index=index)  # the same tumours, in 2018-2021 values
+        assert np.array_equal(label[brats > 0], np.where(brats == 4, 3, brats)[brats > 0])
+        assert not (brats[label == 4]).any()  # the cavity lies outside every tumour
+        t2, t1c = (np.asarray(nib.load(str(out / case["image"][i])).dataobj) for i in (2, 1))
+        normal = (label == 0) & (t2 > 0)
+        assert t2[label == 4].mean() > t2[normal].mean() and t1c[label == 4].mean() < t1c[normal].mean()  # fluid
+    manifest = json.loads((out / DEMO_MANIFEST).read_text())
+    assert manifest["labels"]["4"] == "resection cavity" and manifest["label_convention"] == "brats2024"
+    with pytest.raises(ValueError, match="label_convention 'msd'.*brats2024"):
+        make_demo_dataset(tmp_path / "msd", num_cases=1, shape=(32, 32, 24), label_convention="msd")

@@ -298,12 +298,12 @@ def test_training_records_its_split_beside_the_model(tmp_path, demo_dir):
         (TRAIN, "crop_size", [180, 180], "a list of 3 positive integers"),
         (TRAIN, "regions", {}, "a non-empty mapping of region name"),
         (TRAIN, "regions", {"tumor": []}, "a non-empty mapping of region name"),
-        (TRAIN, "label_convention", "brats2024", "one of 'brats', 'brats2023', 'msd'"),
+        (TRAIN, "label_convention", "brats2019", "one of 'brats', 'brats2023', 'brats2024', 'msd'"),
         (TRAIN, "modalities", ["t1c", "t1c"], "distinct modalities"),
         (TRAIN, "modalities", ["t1c", "dwi"], "distinct modalities"),
         (INFERENCE, "threshold", 1.5, "a number in (0, 1)"),
         (INFERENCE, "sw_batch_size", 0, "an integer >= 1"),
-        (INFERENCE, "label_convention", "brats2024", "one of 'brats', 'brats2023', 'msd'"),
+        (INFERENCE, "label_convention", "brats2019", "one of 'brats', 'brats2023', 'brats2024', 'msd'"),
     ],
 )
 def test_a_bad_override_is_named_with_its_value_and_what_is_accepted(config, key, value, accepted):

@@ -75,3 +75,25 @@ def test_wrong_channel_count_and_unknown_modality_are_explained():
         SelectModalitiesd("image")({"image": MetaTensor(torch.zeros(3, 1, 1, 1), meta={"original_channel_dim": -1})})
     with pytest.raises(ValueError, match="subset"):
         SelectModalitiesd("image", selected=["pd"])
+
+
+def test_brats2024_labels_give_the_tumour_regions_and_the_resection_cavity_as_its_own():
+    # BraTS 2024 post-treatment glioma (de Verdier et al. 2024): 1 NETC, 2 SNFH, 3 ET, 4 RC
+    out = LabelToRegionsd("label", REGION_PRESETS["brats2024"])({"label": _label([0, 1, 2, 3, 4])})["label"]
+    regions = dict(zip(REGION_PRESETS["brats2024"], out[..., 0, 0].tolist()))
+    assert regions == {
+        "resection_cavity": [0, 0, 0, 0, 1],
+        "whole_tumor": [0, 1, 1, 1, 0],
+        "tumor_core": [0, 1, 0, 1, 0],
+        "enhancing_tumor": [0, 0, 0, 1, 0],
+    }
+    back = RegionsToLabeld("pred", REGION_LABEL_PRESETS["brats2024"])({"pred": out})["pred"]
+    assert back.flatten().tolist() == [0, 1, 2, 3, 4]  # the values the BraTS 2024 evaluation reads
+
+
+def test_brats2024_a_voxel_predicted_both_cavity_and_tumour_is_tumour():
+    # voxels: RC only, RC + WT, RC + WT + TC, RC + WT + TC + ET
+    rc, wt, tc, et = [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]
+    regions = torch.tensor([rc, wt, tc, et], dtype=torch.float32).reshape(4, 4, 1, 1)
+    label = RegionsToLabeld("pred", REGION_LABEL_PRESETS["brats2024"])({"pred": regions})["pred"]
+    assert label.flatten().tolist() == [4, 2, 1, 3]
