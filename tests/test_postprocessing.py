@@ -2,6 +2,7 @@
 region, a small enhancing tumour relabelled as tumour core (BraTS scoring), and a threshold per region; and the
 choice of steps on the out-of-fold predictions of a cross-validation (nnU-Net's rule, Isensee et al. 2021)."""
 
+import csv
 import json
 import warnings
 
@@ -206,7 +207,7 @@ def test_the_keys_work_through_monai_bundle_run(tmp_path, demo_dir):
 def test_choosing_refuses_a_cross_validation_without_probabilities(tmp_path):
     cv = load_script("cross_validate")
     with pytest.raises(FileNotFoundError) as error:
-        cv.choose_postprocessing([{"fold": 0, "cases": [{"case": "A"}]}], tmp_path, tmp_path / "out")
+        cv.choose_postprocessing_settings([{"fold": 0, "cases": [{"case": "A"}]}], tmp_path, tmp_path / "out")
     assert "A.npz" in messages(error.value)
 
 
@@ -233,10 +234,16 @@ def test_cross_validate_chooses_postprocessing_and_writes_an_overlay(tmp_path, c
     printed = capsys.readouterr().out
     chosen = json.loads((out / "postprocessing.json").read_text())
     assert set(chosen) == {"threshold", "min_component_size", "et_min_volume"}
-    assert all(t in (0.4, 0.5) for t in chosen["threshold"]) and chosen["et_min_volume"] in (0, 30)
+    assert list(chosen["threshold"]) == NAMES and set(chosen["threshold"].values()) <= {0.4, 0.5}
+    assert set(chosen["min_component_size"].values()) <= {0, 5} and chosen["et_min_volume"] in (0, 30)
     table = (out / "postprocessing.md").read_text()
     assert "| threshold | whole_tumor | 0.4 |" in table and "| et_min_volume | enhancing_tumor | 30 |" in table
     assert "postprocessing.json" in printed and "| step |" in printed
     for fold in (0, 1):
         assert len(list((tmp_path / "runs" / f"fold{fold}" / "eval" / "probabilities").glob("*.npz"))) == 2
     check_settings(_parser([INFERENCE, str(out / "postprocessing.json")]))
+    # the first row (every step off) scores the saved maps as the evaluation scored the written label maps
+    with open(out / "oof_summary.csv") as f:
+        evaluated = [float(r["mean"]) for r in csv.DictReader(f) if r["metric"] == "dice"]
+    first = table.split("| threshold | whole_tumor | 0.5 |")[1].split("|")[:3]
+    assert [float(d) for d in first] == pytest.approx(evaluated, abs=0.01)
