@@ -212,13 +212,9 @@ def test_choosing_refuses_a_cross_validation_without_probabilities(tmp_path):
 
 
 @pytest.mark.slow
-def test_cross_validate_chooses_postprocessing_and_writes_an_overlay(tmp_path, capsys):
+def test_cross_validate_chooses_postprocessing_and_writes_an_overlay(tmp_path, demo_dir, capsys):
     """A tiny 2-fold cross-validation: out-of-fold probabilities saved, a small grid tried on them, the overlay
     written and usable on inference.json."""
-    from bundle.demo import make_demo_dataset
-
-    data = tmp_path / "data"
-    make_demo_dataset(str(data), num_cases=4, shape=(40, 40, 24), seed=1)
     cv = load_script("cross_validate")
     out = tmp_path / "report"
     grid = dict(thresholds=[0.4, 0.5], component_sizes=[0, 5], et_volumes=[0, 30])
@@ -226,7 +222,7 @@ def test_cross_validate_chooses_postprocessing_and_writes_an_overlay(tmp_path, c
         num_folds=2,
         out=str(out),
         work_dir=str(tmp_path / "runs"),
-        dataset_dir=str(data),
+        dataset_dir=str(demo_dir),
         choose_postprocessing=True,
         **grid,
         **{**TINY, "max_epochs": 1},
