@@ -217,6 +217,16 @@ def _missing_probabilities(run_dir: Path, cases: Sequence[Mapping]) -> list[str]
     return [str(_probabilities(run_dir, c["case"])) for c in cases if not _probabilities(run_dir, c["case"]).is_file()]
 
 
+def _flag(value, name: str) -> bool:
+    """A command-line switch: ``--name``, ``--name true`` or ``--name false`` (fire passes words as strings)."""
+    from monai.utils import str2bool
+
+    try:
+        return str2bool(value)
+    except ValueError as error:
+        raise ValueError(f"--{name} is {value!r}; give true or false.") from error
+
+
 def _number(text) -> Optional[float]:
     try:
         value = float(text)
@@ -564,6 +574,7 @@ def cross_validate(
     Every fold's result (settings, per-case metrics, timings) is in ``<work_dir>/fold<i>/result.json``.
     """
     num_folds, _ = check_folds(num_folds, 0)
+    choose_postprocessing = _flag(choose_postprocessing, "choose_postprocessing")
     if num_folds < 2:
         raise ValueError(f"num_folds must be at least 2 to cross-validate, got {num_folds}.")
     reserved = [k for k in RESERVED if k in overrides]
@@ -592,7 +603,7 @@ def cross_validate(
         print(f"[{fold + 1}/{num_folds}] fold {fold}: {len(held_out)} held-out cases ({run_dir})", flush=True)
         try:
             result = run_fold(
-                fold, num_folds, held_out, configs, eval_configs, data, overrides, run_dir, bool(choose_postprocessing)
+                fold, num_folds, held_out, configs, eval_configs, data, overrides, run_dir, choose_postprocessing
             )
         except Exception as error:  # one broken fold must not cost the others' hours; it is retried next time
             print(f"  FAILED: {error!r}; logs in {run_dir}", flush=True)

@@ -209,6 +209,8 @@ def test_choosing_refuses_a_cross_validation_without_probabilities(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         cv.choose_postprocessing_settings([{"fold": 0, "cases": [{"case": "A"}]}], tmp_path, tmp_path / "out")
     assert "A.npz" in messages(error.value)
+    with pytest.raises(ValueError, match="--choose_postprocessing is 'maybe'; give true or false"):
+        cv.cross_validate(num_folds=2, work_dir=str(tmp_path / "runs"), choose_postprocessing="maybe")
 
 
 @pytest.mark.slow
