@@ -19,6 +19,7 @@ from typing import Any
 from .bootstrap import running_parser
 from .constants import MODALITIES, MSD_MODALITIES, REGION_PRESETS
 from .intensity import NORMALIZATION_MODES
+from .postprocessing import enhancing_rule_regions, per_region
 
 __all__ = ["SETTINGS", "check_settings", "check_value"]
 
@@ -55,6 +56,19 @@ def _sizes(count: int) -> Callable[[Any], str | None]:
         ok = isinstance(value, (list, tuple)) and len(value) == count
         ok = ok and all(isinstance(v, Integral) and not isinstance(v, bool) and (v >= 1 or v == -1) for v in value)
         return None if ok else f"a list of {count} positive integers (-1: the whole axis), e.g. {[160] * count}"
+
+    return check
+
+
+def _per_region(one: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """A post-processing key: ``one`` value for every region, a list in region order, or a mapping region name ->
+    value (the number of values and the names are checked against the regions by :func:`check_settings`)."""
+
+    def check(value):
+        values = list(value.values()) if isinstance(value, Mapping) else value
+        values = list(values) if isinstance(values, (list, tuple)) else [value]
+        accepted = f"{one(None)}, or one such value per region (a list in region order, or a mapping region -> value)"
+        return accepted if not values or any(one(v) for v in values) else None
 
     return check
 
@@ -118,7 +132,9 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "dice_weight": _number(0.0),
     "critic_steps": _integer(1),
     "normalization": _one_of(NORMALIZATION_MODES),
-    "threshold": _number(0.0, 1.0, open_low=True, open_high=True),
+    "threshold": _per_region(_number(0.0, 1.0, open_low=True, open_high=True)),
+    "min_component_size": _per_region(_integer(0)),
+    "et_min_volume": _integer(0),
     "sw_batch_size": _integer(1),
     "foreground_margin": _integer(0),
     "spatial_fit": _one_of(("pad", "crop")),
@@ -140,9 +156,14 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
             "slice_major",
             "allow_constant_modality",
             "head_guard",
+            "save_probabilities",
         )
     },
 }
+
+
+#: Keys that take one value per region (checked against the config's regions).
+_PER_REGION = ("threshold", "min_component_size")
 
 
 def check_value(key: str, value: Any) -> None:
@@ -197,3 +218,7 @@ def check_settings(parser=None) -> None:
             _check_modalities_available(parser, value)
         else:
             check_value(key, value)
+        if key in _PER_REGION and "regions" in parser:
+            per_region(value, list(parser.get_parsed_content("regions")), key, None)
+        if key == "et_min_volume" and value > 0 and "regions" in parser:
+            enhancing_rule_regions(parser.get_parsed_content("regions"), key)
