@@ -183,6 +183,15 @@ register(
         eval_overlays=("configs/segan3d_inference.json", _variant("segan3d_demo")),
     )
 )
+for _view, _axis in (("sagittal", 0), ("coronal", 1)):
+    register(
+        Row(
+            f"S3-3C {_view}",
+            (_variant("s3_3c"),),
+            {"slice_axis": _axis},
+            f"S3-3C trained and run along the stored axis {_axis} ({_view} slices of BraTS-layout volumes)",
+        )
+    )
 for _weighting in ("mean", "sum", "official", "balanced"):
     register(
         Row(

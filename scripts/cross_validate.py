@@ -492,6 +492,11 @@ def choose_postprocessing_settings(
     }
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(str(out / "postprocessing.json"), (json.dumps(overlay, indent=4) + "\n").encode("utf-8"))
+    candidates = [
+        {"step": key, "region": region, "value": value, "dice": dice, "chosen": kept}
+        for key, region, value, dice, kept in rows
+    ]
+    write_atomic(str(out / "postprocessing_candidates.json"), (json.dumps(candidates, indent=1) + "\n").encode())
     table = ["| step | region | value | " + " | ".join(f"Dice {n}" for n in names) + " | mean Dice | chosen |"]
     table.append("| --- | --- | --- |" + " --- |" * (len(names) + 2))
     for key, region, value, dice, kept in rows:
