@@ -110,6 +110,8 @@ RECIPE_SETTINGS = (
     "modalities",
     "context_slices",
     "normalization",
+    "orientation",
+    "pixdim",
     "label_convention",
     "regions",
     "region_labels",

@@ -18,6 +18,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from .constants import MODALITIES, MSD_MODALITIES, REGION_PRESETS
+from .geometry import check_orientation
 from .intensity import NORMALIZATION_MODES
 
 __all__ = ["SETTINGS", "check_settings", "check_value"]
@@ -84,6 +85,19 @@ def _regions(value) -> str | None:
     return None
 
 
+def _pixdim(value) -> str | None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, Real) and not isinstance(v, bool) and v > 0 for v in value)
+    return None if ok else "two positive in-plane voxel sizes in mm (the slice spacing is kept), e.g. [1.0, 1.0]"
+
+
+def _reference_modality(value) -> str | None:
+    known = sorted(set(MODALITIES) | set(MSD_MODALITIES))
+    if value is None or value == "" or (isinstance(value, str) and value.lower() in known):
+        return None
+    return f"one of {known}, or null to refuse modalities stored on different grids"
+
+
 def _modalities(value) -> str | None:
     known = sorted(set(MODALITIES) | set(MSD_MODALITIES))
     accepted = f"a non-empty list of distinct modalities among {known}"
@@ -98,6 +112,7 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "multiclass": _boolean,
     "regions": _regions,
     "modalities": _modalities,
+    "reference_modality": _reference_modality,
     "context_slices": _integer(0),
     "max_epochs": _integer(1),
     "val_interval": _integer(1),
@@ -117,6 +132,8 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "dice_weight": _number(0.0),
     "critic_steps": _integer(1),
     "normalization": _one_of(NORMALIZATION_MODES),
+    "orientation": check_orientation,
+    "pixdim": _pixdim,
     "threshold": _number(0.0, 1.0, open_low=True, open_high=True),
     "sw_batch_size": _integer(1),
     "foreground_margin": _integer(0),
@@ -171,6 +188,22 @@ def _check_modalities_available(parser, value) -> None:
         )
 
 
+def _check_reference_modality(parser, value) -> None:
+    """``reference_modality`` (the grid modalities stored on different grids are resampled onto) must be one of
+    ``image_modalities``, the modalities of a case's files; empty (``null``) refuses such cases instead."""
+    if value is None or value == "":
+        return
+    known = (
+        [str(m).lower() for m in parser.get_parsed_content("image_modalities")] if "image_modalities" in parser else []
+    )
+    known = known or list(MODALITIES)
+    if not isinstance(value, str) or value.lower() not in known:
+        raise ValueError(
+            f"`reference_modality` is {value!r}; it must be one of {known} (the config's image_modalities), or null to "
+            "refuse modalities stored on different grids. Fix --reference_modality."
+        )
+
+
 def _running_parser():
     """The ``ConfigParser`` evaluating the expression that called us (found on the call stack, as ``bundle_root``
     finds its ``ConfigWorkflow``)."""
@@ -206,5 +239,7 @@ def check_settings(parser=None) -> None:
             ) from error
         if key == "modalities":
             _check_modalities_available(parser, value)
+        elif key == "reference_modality":
+            _check_reference_modality(parser, value)
         else:
             check_value(key, value)

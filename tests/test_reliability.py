@@ -298,11 +298,13 @@ def _empty(case):
     return t2, "cannot read", "damaged"
 
 
-def _other_grid(case):
+def _elsewhere(case):
     t2 = case / f"{case.name}_t2.nii.gz"
     image = nib.load(t2)
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:30], image.affine), t2)
-    return t2, "its modality files have different shapes", "(30, 40, 24)"
+    moved = image.affine.copy()
+    moved[0, 3] += 300.0  # another grid is resampled onto the T1c's; one with no voxel in common is refused
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:30], moved), t2)
+    return t2, "does not overlap", "(its reference_modality, t1c) in space"
 
 
 def _two_dimensional(case):
@@ -319,7 +321,7 @@ def _five_dimensional(case):
     return case / f"{case.name}_t1.nii.gz", "are 4D images", "needs 3D volumes"
 
 
-@pytest.mark.parametrize("spoil", [_truncate, _empty, _other_grid, _two_dimensional, _five_dimensional])
+@pytest.mark.parametrize("spoil", [_truncate, _empty, _elsewhere, _two_dimensional, _five_dimensional])
 def test_a_bad_image_file_is_named_with_its_case_and_what_is_wrong(tmp_path, demo_dir, weights, spoil):
     case = _copy_case(demo_dir, "Demo_001", tmp_path / "data")
     bad_file, what, detail = spoil(case)
