@@ -111,6 +111,8 @@ RECIPE_SETTINGS = (
     "context_slices",
     "slice_axis",
     "normalization",
+    "orientation",
+    "pixdim",
     "label_convention",
     "regions",
     "region_labels",

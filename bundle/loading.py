@@ -1,17 +1,24 @@
 """Loading one case with the checks a user's data needs: every file readable, finite, of the dimensionality
 the config declares, every modality and the label on the same grid (shape and affine), and every modality
-carrying a signal, each failure naming the case and file (``LoadCaseImaged``, a MONAI ``LoadImaged``)."""
+carrying a signal, each failure naming the case and file (``LoadCaseImaged``, a MONAI ``LoadImaged``).
+Modalities stored on different grids are resampled onto one reference modality by their affines, when the
+config names one (``reference_modality``)."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import NibabelReader
-from monai.transforms import LoadImage, LoadImaged
+from monai.data import MetaTensor, NibabelReader
+from monai.transforms import LoadImage, LoadImaged, ResampleToMatch
 from monai.utils import ensure_tuple
+
+from .geometry import without_rounding_noise
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoadCaseImaged"]
 
@@ -33,6 +40,11 @@ class LoadCaseImaged(LoadImaged):
       first), must have the same spatial shape and the same affine (within ``affine_tolerance``): a label
       stored flipped, or modalities with different affines, are named with both files and both affines
       instead of being compared voxel by voxel;
+    * **modalities on different grids** (another shape, voxel size, orientation or field of view, as clinical
+      series of one session are stored) are resampled (trilinear) onto the grid of ``reference_modality`` by
+      their affines, which then is the case's grid (its label's, and the grid predictions are written on).
+      Only files that do not overlap the reference in space are refused, naming both. Modalities already on
+      one grid are loaded as before, at no extra cost; without ``reference_modality`` they are refused;
     * **trailing singleton axes** of NIfTI files are squeezed before channels are counted, so modality files
       shaped (X, Y, Z, 1), as some converters write them, stack as modalities, not as one 4D (MSD) case;
     * **signal**: each channel of ``signal_keys`` (the image) must vary over the head (its nonzero voxels): a
@@ -46,6 +58,9 @@ class LoadCaseImaged(LoadImaged):
         signal_keys: the keys whose every channel must carry a signal (images, not labels).
         allow_constant: let a constant or empty modality through.
         affine_tolerance: largest difference (mm, or direction cosine) allowed between two affines of a case.
+        modality_names: the modality of each file of a multi-file key, in order (the configs' ``image_modalities``).
+        reference_modality: the modality whose grid the others are resampled onto when they differ (e.g.
+            ``"t1c"``); ``None`` refuses modalities on different grids.
         kwargs: other ``LoadImaged`` arguments (``image_only``, ``ensure_channel_first``, ``reader``, ...).
     """
 
@@ -57,9 +72,19 @@ class LoadCaseImaged(LoadImaged):
         signal_keys: KeysCollection = ("image",),
         allow_constant: bool = False,
         affine_tolerance: float = 1e-3,
+        modality_names: Sequence[str] | None = None,
+        reference_modality: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(keys, **kwargs)
+        self.modality_names = [str(m).lower() for m in modality_names] if modality_names else None
+        self.reference_modality = str(reference_modality).lower() if reference_modality else None
+        if self.reference_modality and self.modality_names and self.reference_modality not in self.modality_names:
+            raise ValueError(
+                f"`reference_modality` is {reference_modality!r}, which is not among the modalities of a case's files "
+                f"{self.modality_names} (`image_modalities`): set --reference_modality to one of them."
+            )
+        self._reader = kwargs.get("reader")
         self.case_key = case_key
         self.spatial_dims = int(spatial_dims)
         self.signal_keys = set(ensure_tuple(signal_keys))
@@ -80,8 +105,10 @@ class LoadCaseImaged(LoadImaged):
         try:
             d = super().__call__(data, reader)
         except Exception as error:
-            self._diagnose(data, error)
-            raise
+            d = self._load_onto_reference(data, reader)
+            if d is None:
+                self._diagnose(data, error)
+                raise
         shapes = {}
         for key in self.key_iterator(d):
             image = d[key]
@@ -121,6 +148,61 @@ class LoadCaseImaged(LoadImaged):
             )
         self._check_affines(d, [*shapes, *earlier])
         return d
+
+    def _load_onto_reference(self, data: Mapping, reader=None) -> dict | None:
+        """The case with each multi-file key's files resampled onto its ``reference_modality`` file; ``None``
+        when that does not apply (no reference, files that do not load or are not 3D, files on one grid), so
+        the load error is diagnosed as before. Runs only after the usual load failed: a case on one grid never
+        comes here."""
+        if not self.reference_modality:
+            return None
+        single = LoadImage(reader=self._reader, image_only=True, ensure_channel_first=True)
+        if self._reader is None:
+            single.register(_TrailingSingletonsSqueezed())
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            files = [str(f) for f in ensure_tuple(data[key])]
+            if len(files) > 1:
+                if not self.modality_names or len(files) != len(self.modality_names):
+                    return None
+                try:
+                    images = [single(f) for f in files]
+                except Exception:
+                    return None
+                if any(image.ndim != 4 for image in images) or _on_one_grid(images):
+                    return None
+                loaded = self._stack_onto_reference(data, files, images)
+            else:
+                loaded = self._loader(data[key], reader)
+            if self._loader.image_only:
+                d[key] = loaded
+            else:  # as LoadImaged keeps the meta data
+                d[key], d[meta_key or f"{key}_{meta_key_postfix}"] = (loaded, loaded.meta) if len(files) > 1 else loaded
+        return d
+
+    def _stack_onto_reference(self, data: Mapping, files: list[str], images: list[MetaTensor]) -> MetaTensor:
+        """(C, X, Y, Z) of the modality ``images`` (each (1, X, Y, Z)), resampled onto the reference's grid."""
+        index = self.modality_names.index(self.reference_modality)
+        reference = images[index]
+        low, high = _world_box(reference)
+        channels = []
+        for file, image in zip(files, images):
+            if image is not reference and not _on_one_grid([image, reference]):
+                other_low, other_high = _world_box(image)
+                if (np.minimum(high, other_high) <= np.maximum(low, other_low)).any():
+                    raise ValueError(
+                        f"{self._case(data)}: '{file}' does not overlap '{files[index]}' (its reference_modality, "
+                        f"{self.reference_modality}) in space: world boxes {_box_text(other_low, other_high)} and "
+                        f"{_box_text(low, high)} mm, so it cannot be resampled onto that grid. Check that both files "
+                        "are of this case and session and that their headers (affines) are right, or remove the case."
+                    )
+                logger.info(f"{self._case(data)}: '{file}' resampled onto the grid of '{files[index]}'")
+                image = without_rounding_noise(ResampleToMatch(mode="bilinear", padding_mode="zeros")(image, reference))
+            channels.append(torch.as_tensor(image))
+        meta = dict(reference.meta)
+        meta["original_channel_dim"] = 0  # stacked on a new first axis, as MONAI stacks a list of files
+        meta["filename_or_obj"] = files[index]  # the grid, and the header, the case's outputs are written with
+        return MetaTensor(torch.cat(channels), meta=meta)
 
     def _check_affines(self, d: Mapping, keys: list) -> None:
         """Every image of the case in one space: the same affine (the shapes are checked already)."""
@@ -235,6 +317,27 @@ class _TrailingSingletonsSqueezed(NibabelReader):
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         return data
+
+
+def _on_one_grid(images: Sequence[MetaTensor]) -> bool:
+    """Whether channel-first ``images`` have one spatial shape and one affine (MONAI's test when it stacks)."""
+    first = images[0]
+    return all(
+        image.shape[1:] == first.shape[1:] and np.allclose(np.asarray(image.affine), np.asarray(first.affine))
+        for image in images[1:]
+    )
+
+
+def _world_box(image: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest world coordinates (mm) of a channel-first image's voxels, their edges included."""
+    shape = np.asarray(image.shape[1:], dtype=float)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(len(shape), -1)
+    world = np.asarray(image.affine, dtype=float)[:3, :3] @ corners + np.asarray(image.affine, dtype=float)[:3, 3:]
+    return world.min(1), world.max(1)
+
+
+def _box_text(low: np.ndarray, high: np.ndarray) -> str:
+    return "[" + ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(low, high)) + "]"
 
 
 def _affine_known(image) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .bootstrap import running_parser
 from .constants import MODALITIES, MSD_MODALITIES, REGION_PRESETS
+from .geometry import check_orientation
 from .intensity import NORMALIZATION_MODES
 from .postprocessing import enhancing_rule_regions, per_region
 
@@ -98,6 +99,19 @@ def _regions(value) -> str | None:
     return None
 
 
+def _pixdim(value) -> str | None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, Real) and not isinstance(v, bool) and v > 0 for v in value)
+    return None if ok else "two positive in-plane voxel sizes in mm (the slice spacing is kept), e.g. [1.0, 1.0]"
+
+
+def _reference_modality(value) -> str | None:
+    known = sorted(set(MODALITIES) | set(MSD_MODALITIES))
+    if value is None or value == "" or (isinstance(value, str) and value.lower() in known):
+        return None
+    return f"one of {known}, or null to refuse modalities stored on different grids"
+
+
 def _modalities(value) -> str | None:
     known = sorted(set(MODALITIES) | set(MSD_MODALITIES))
     accepted = f"a non-empty list of distinct modalities among {known}"
@@ -112,6 +126,7 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "multiclass": _boolean,
     "regions": _regions,
     "modalities": _modalities,
+    "reference_modality": _reference_modality,
     "context_slices": _integer(0),
     "slice_axis": _one_of([0, 1, 2]),
     "max_epochs": _integer(1),
@@ -132,6 +147,8 @@ SETTINGS: dict[str, Callable[[Any], str | None]] = {
     "dice_weight": _number(0.0),
     "critic_steps": _integer(1),
     "normalization": _one_of(NORMALIZATION_MODES),
+    "orientation": check_orientation,
+    "pixdim": _pixdim,
     "threshold": _per_region(_number(0.0, 1.0, open_low=True, open_high=True)),
     "min_component_size": _per_region(_integer(0)),
     "et_min_volume": _integer(0),
@@ -193,6 +210,22 @@ def _check_modalities_available(parser, value) -> None:
         )
 
 
+def _check_reference_modality(parser, value) -> None:
+    """``reference_modality`` (the grid modalities stored on different grids are resampled onto) must be one of
+    ``image_modalities``, the modalities of a case's files; empty (``null``) refuses such cases instead."""
+    if value is None or value == "":
+        return
+    known = (
+        [str(m).lower() for m in parser.get_parsed_content("image_modalities")] if "image_modalities" in parser else []
+    )
+    known = known or list(MODALITIES)
+    if not isinstance(value, str) or value.lower() not in known:
+        raise ValueError(
+            f"`reference_modality` is {value!r}; it must be one of {known} (the config's image_modalities), or null to "
+            "refuse modalities stored on different grids. Fix --reference_modality."
+        )
+
+
 def check_settings(parser=None) -> None:
     """Check every key of :data:`SETTINGS` that the config has, in order; raise at the first wrong value.
 
@@ -216,6 +249,8 @@ def check_settings(parser=None) -> None:
             ) from error
         if key == "modalities":
             _check_modalities_available(parser, value)
+        elif key == "reference_modality":
+            _check_reference_modality(parser, value)
         else:
             check_value(key, value)
         if key in _PER_REGION and "regions" in parser:

@@ -111,7 +111,12 @@ def study(
 
     print("== single models along each axis", flush=True)
     ablation.ablation(
-        rows=list(VIEWS.values()), seeds=len(seeds), suite="demo", out=str(report / "views"), work_dir=str(work), **overrides
+        rows=list(VIEWS.values()),
+        seeds=len(seeds),
+        suite="demo",
+        out=str(report / "views"),
+        work_dir=str(work),
+        **overrides,
     )
     data = suite.prepare(work / "demo", suite.configs, overrides)
     model = {(view, s): work / "demo" / ablation._slug(row) / f"seed{s}" for view, row in VIEWS.items() for s in seeds}

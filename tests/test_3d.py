@@ -195,7 +195,7 @@ def test_sliding_windows_restack_every_voxel_to_its_place_in_the_input_geometry(
     item["pred"] = inferer(item["image"].unsqueeze(0), _VoxelwiseLogits())[0]
     item = Compose(parser.get_parsed_content("prediction_transforms"))(item)
 
-    reference = Compose(parser.get_parsed_content("image_transforms")[:4])(case)["image"]  # normalised, uncropped
+    reference = Compose(parser.get_parsed_content("image_transforms")[:5])(case)["image"]  # normalised, uncropped
     expected = (reference[0] > 0.25).numpy()
     assert tuple(item["pred"].shape[1:]) == expected.shape == nib.load(case["image"][0]).shape
     assert expected.any() and (item["pred"][0].numpy() > 0).tolist() == expected.tolist()

@@ -10,6 +10,7 @@ checks the same against the real server.
 """
 
 import json
+import os
 import shutil
 import sys
 
@@ -76,7 +77,8 @@ def test_info_labels_are_the_label_values_of_the_returned_map(app_bundle):
     assert labels == {"necrotic and non-enhancing tumor core": 1, "edema": 2, "enhancing tumor": 4}
 
 
-def test_served_label_map_equals_the_bundle_inference(app_bundle, studies, tmp_path, monkeypatch):
+def _served_and_own(app_bundle, image, tmp_path, monkeypatch):
+    """The label map of 4D ``image`` as MONAI Label's ``BundleInferTask`` returns it, and the bundle's own."""
     monkeypatch.syspath_prepend(str(app_bundle))
     parser = _label_server_parser(app_bundle, "inference.json")
     parser.config.update({"device": "cpu"})
@@ -94,22 +96,48 @@ def test_served_label_map_equals_the_bundle_inference(app_bundle, studies, tmp_p
     run(
         config_file=str(app_bundle / "configs" / "inference.json"),
         bundle_root=str(app_bundle),
-        dataset_dir=str(studies[0]["image"]),
+        dataset_dir=str(image),
         output_dir=str(tmp_path),
         num_workers=0,
         progress=False,
     )
-    own = nib.load(str(tmp_path / "Demo_000_seg.nii.gz"))
+    name = os.path.basename(str(image)).split(".")[0]
+    own = nib.load(str(tmp_path / f"{name}_seg.nii.gz"))
 
-    data = Compose(pre)({"image": studies[0]["image"]})
+    data = Compose(pre)({"image": str(image)})
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]
     served = Compose(post)(data)["pred"]
     assert served.dtype == torch.uint8  # ITK, MONAI Label's writer, has no int64 image type
-    served = np.asarray(served).squeeze(0)
+    assert np.allclose(served.affine, nib.load(str(image)).affine)  # the geometry MONAI Label writes it with
+    return np.asarray(served).squeeze(0), own
+
+
+def test_served_label_map_equals_the_bundle_inference(app_bundle, studies, tmp_path, monkeypatch):
+    served, own = _served_and_own(app_bundle, studies[0]["image"], tmp_path, monkeypatch)
     assert served.shape == own.shape
     np.testing.assert_array_equal(served, np.asarray(own.dataobj))
     assert set(np.unique(served)) <= {0, 1, 2, 4}
+
+
+def test_a_study_stored_sagittal_is_served_on_its_own_grid_as_the_axial_one(app_bundle, studies, tmp_path, monkeypatch):
+    """Clinical inputs through ``/infer``: the same 4D study stored with sagittal slices (axes A, S, R) and
+    flipped to L, is segmented in the canonical frame and returned on its own grid, voxel for voxel the axial
+    study's map carried there."""
+    axial = nib.load(studies[0]["image"])
+    order = (1, 2, 0, 3)
+    array = np.asarray(axial.dataobj).transpose(order)[:, :, ::-1]
+    affine = axial.affine[:, [1, 2, 0, 3]]
+    affine[:3, 3] += affine[:3, 2] * (array.shape[2] - 1)
+    affine[:3, 2] *= -1
+    sagittal = tmp_path / "studies" / "Demo_000.nii.gz"
+    sagittal.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), str(sagittal))
+
+    served, own = _served_and_own(app_bundle, sagittal, tmp_path / "sagittal", monkeypatch)
+    np.testing.assert_array_equal(served, np.asarray(own.dataobj))
+    reference, _ = _served_and_own(app_bundle, studies[0]["image"], tmp_path / "axial", monkeypatch)
+    np.testing.assert_array_equal(served, reference.transpose(order[:3])[:, :, ::-1])
 
 
 @pytest.mark.slow

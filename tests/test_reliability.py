@@ -298,11 +298,13 @@ def _empty(case):
     return t2, "cannot read", "damaged"
 
 
-def _other_grid(case):
+def _elsewhere(case):
     t2 = case / f"{case.name}_t2.nii.gz"
     image = nib.load(t2)
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:30], image.affine), t2)
-    return t2, "its modality files have different shapes", "(30, 40, 24)"
+    moved = image.affine.copy()
+    moved[0, 3] += 300.0  # another grid is resampled onto the T1c's; one with no voxel in common is refused
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:30], moved), t2)
+    return t2, "does not overlap", "(its reference_modality, t1c) in space"
 
 
 def _two_dimensional(case):
@@ -319,7 +321,7 @@ def _five_dimensional(case):
     return case / f"{case.name}_t1.nii.gz", "are 4D images", "needs 3D volumes"
 
 
-@pytest.mark.parametrize("spoil", [_truncate, _empty, _other_grid, _two_dimensional, _five_dimensional])
+@pytest.mark.parametrize("spoil", [_truncate, _empty, _elsewhere, _two_dimensional, _five_dimensional])
 def test_a_bad_image_file_is_named_with_its_case_and_what_is_wrong(tmp_path, demo_dir, weights, spoil):
     case = _copy_case(demo_dir, "Demo_001", tmp_path / "data")
     bad_file, what, detail = spoil(case)
@@ -419,16 +421,14 @@ def test_an_axis_permuted_affine_and_its_sform_qform_codes_round_trip(tmp_path, 
         moved.set_qform(None, code=0)
         nib.save(moved, file)
     _infer(tmp_path / "data", tmp_path / "out", weights)
-    _copy_case(demo_dir, "Demo_000", tmp_path / "plain")
-    _infer(tmp_path / "plain", tmp_path / "reference", weights)
 
     saved = nib.load(tmp_path / "out" / "Demo_000_seg.nii.gz")
     source = nib.load(case / "Demo_000_t1.nii.gz")
     assert np.array_equal(saved.affine, source.affine) and np.allclose(saved.affine, permuted)
     assert (int(saved.header["sform_code"]), int(saved.header["qform_code"])) == (2, 0)
-    # the voxels are the same as for the same arrays with an ordinary affine: only the header differs
-    reference = np.asarray(nib.load(tmp_path / "reference" / "Demo_000_seg.nii.gz").dataobj)
-    assert np.array_equal(np.asarray(saved.dataobj), reference) and saved.get_data_dtype() == np.uint8
+    # the voxels are segmented in the canonical frame (this affine's slices are sagittal, its pixels 1.2 mm):
+    # that they match the same case stored axially is tests/test_clinical_inputs.py's claim
+    assert saved.shape == source.shape and saved.get_data_dtype() == np.uint8
 
 
 # 8. one training per state folder ------------------------------------------------------------------------------
