@@ -41,12 +41,17 @@ PASS_THROUGH = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels":
 AFFINE = np.array([[0.0, -1.2, 0.0, 30.0], [0.9, 0.0, 0.0, -12.5], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]])
 
 
+#: AFFINE's in-plane voxel size once reoriented to RAS (its second axis is R-L, its first A-P): the cases are at
+#: the training spacing, so no in-plane resampling blurs the hand-made images these metrics are computed from
+PIXDIM = [1.2, 0.9]
+
+
 def _evaluate(config_file, root, output_dir, **overrides):
     run(
         config_file=config_file,
         bundle_root=str(root),
         output_dir=str(output_dir),
-        **{"num_workers": 0, "sw_batch_size": 8, **overrides},
+        **{"num_workers": 0, "sw_batch_size": 8, "pixdim": PIXDIM, **overrides},
     )
 
 
