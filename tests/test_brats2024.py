@@ -23,9 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy.*:Futur
 INFERENCE = str(ROOT / "configs" / "inference.json")
 EVALUATE = str(ROOT / "configs" / "evaluate.json")
 REGIONS = ["resection_cavity", "whole_tumor", "tumor_core", "enhancing_tumor"]
-LABELS = {  # what MONAI Label's /info lists: the names of outputs.pred.channel_def, background skipped
+LABELS = {  # what MONAI Label's /info lists: the names of outputs.pred.channel_def, lower-cased, background skipped
     "non-enhancing tumor core": 1,
-    "surrounding non-enhancing FLAIR hyperintensity": 2,
+    "surrounding non-enhancing flair hyperintensity": 2,
     "enhancing tissue": 3,
     "resection cavity": 4,
 }
@@ -35,7 +35,7 @@ package_bundle = load_script("package_bundle")
 def _info_labels(metadata: dict) -> dict:
     """The labels MONAI Label 0.8.5's ``BundleInferTask`` reads from a bundle's metadata (first output's channel_def)."""
     _, pred = next(iter(metadata["network_data_format"]["outputs"].items()))
-    return {name: int(value) for value, name in pred["channel_def"].items() if name.lower() != "background"}
+    return {name.lower(): int(value) for value, name in pred["channel_def"].items() if name.lower() != "background"}
 
 
 def test_packaged_metadata_of_brats2024_weights_names_the_four_labels():
