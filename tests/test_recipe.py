@@ -155,9 +155,10 @@ def test_a_training_from_scratch_never_takes_the_widths_of_an_old_model_but_fine
     assert f"init_ckpt '{tmp_path / 'missing.pt'}' is not a file" in str(error.value.__cause__)
 
 
-def test_monailabel_training_and_a_resumed_run_take_the_label_convention_of_their_weights(tmp_path):
-    """MONAI Label's /train passes no label_convention: the served weights' recipe gives it (a brats2024 model
-    fine-tunes on its four labels); --init_ckpt still needs it passed, and a contradiction is refused."""
+def test_monailabel_training_and_a_resumed_run_take_the_recipe_of_their_weights(tmp_path):
+    """MONAI Label's /train and --resume pass no overrides: the served weights' recipe gives every setting of the
+    network and its input (a brats2024 model fine-tunes on its four labels, a sagittal 2-modality model on its
+    view); --init_ckpt still needs them passed, and a contradiction is refused."""
     import torch
 
     from bundle.networks import SegANSegmentor
@@ -165,29 +166,33 @@ def test_monailabel_training_and_a_resumed_run_take_the_label_convention_of_thei
     served = tmp_path / "models" / "model.pt"
     served.parent.mkdir()
     torch.save(SegANSegmentor(features=[4, 8, 16, 32], out_channels=4).state_dict(), served)
-    write_recipe(str(served), {"features": [4, 8, 16, 32], "skip": "cat", "label_convention": "brats2024"})
+    recorded = {"modalities": ["t2", "flair"], "slice_axis": 0, "context_slices": 1, "normalization": "percentile"}
+    write_recipe(str(served), {"features": [4, 8, 16, 32], "skip": "cat", "label_convention": "brats2024", **recorded})
     parser = ConfigParser()
     parser.read_config(TRAIN)
     handlers = parser.get("train#handlers")
     handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(served), "load_dict": {"model": "$@network"}})
 
+    defaults = {"modalities": ["t1c", "t2", "flair"], "slice_axis": 2, "context_slices": 0, "normalization": "zscore"}
+
     def resolved(**overrides):
         parser = ConfigParser()
         parser.read_config(TRAIN)
         parser.update({"bundle_root": str(tmp_path), **overrides})
-        return parser.get_parsed_content("label_convention"), parser.get_parsed_content("out_channels")
+        settings = {key: parser.get_parsed_content(key) for key in recorded}
+        return parser.get_parsed_content("label_convention"), parser.get_parsed_content("out_channels"), settings
 
-    assert resolved() == ("brats", 3)  # from scratch: the config's
-    assert resolved(**{"train#handlers": handlers}) == ("brats2024", 4)  # MONAI Label's /train
-    assert resolved(resume=True) == ("brats2024", 4)
-    assert resolved(init_ckpt=str(served)) == ("brats", 3)  # fine-tuning other weights: say which labels
+    assert resolved() == ("brats", 3, defaults)  # from scratch: the config's
+    assert resolved(**{"train#handlers": handlers}) == ("brats2024", 4, recorded)  # MONAI Label's /train
+    assert resolved(resume=True) == ("brats2024", 4, recorded)
+    assert resolved(init_ckpt=str(served)) == ("brats", 3, defaults)  # fine-tuning other weights: say which
     parser = ConfigParser()
     parser.read_config(TRAIN)
     parser.update({"bundle_root": str(tmp_path), "init_ckpt": str(served)})
     check = next(i for i, item in enumerate(parser.get("start_checks")) if "check_recipe" in str(item))
     with pytest.raises(Exception) as error:
         parser.get_parsed_content(f"start_checks#{check}")
-    assert "`label_convention` is 'brats' in this run" in messages(error.value)
+    assert "`modalities` is ['t1c', 't2', 'flair'] in this run" in messages(error.value)  # the first differing
 
 
 @pytest.mark.slow
