@@ -117,6 +117,7 @@ RECIPE_SETTINGS = (
     "regions",
     "region_labels",
     "multiclass",
+    "ensemble",
 )
 
 

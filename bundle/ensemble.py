@@ -37,6 +37,8 @@ __all__ = [
     "check_members",
     "ensemble_network",
     "check_held_out",
+    "pack",
+    "packed_network_def",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: Recipe settings every member of an ensemble must share: what the members take as input and what they output.
 #: ``features`` and ``skip`` (the network's widths and skip mode) may differ, and ``slice_axis`` (a multi-view
 #: ensemble: each member sees the volume along the axis it was trained on).
-AGREED_SETTINGS = tuple(name for name in RECIPE_SETTINGS if name not in ("features", "skip", "slice_axis"))
+AGREED_SETTINGS = tuple(name for name in RECIPE_SETTINGS if name not in ("features", "skip", "slice_axis", "ensemble"))
 
 #: The config keys holding the run's value of each of :data:`AGREED_SETTINGS` (``multiclass`` is parsed there).
 _RUN_KEYS = {name: ("is_multiclass" if name == "multiclass" else name) for name in AGREED_SETTINGS}
@@ -326,3 +328,49 @@ def check_held_out(ensemble: Any, items: Sequence[Mapping], parser=None) -> None
                 "no held-out case in common: evaluate the ensemble on a separate test set with "
                 "--data_list_file_path (and --data_list_key)."
             )
+
+
+def pack(ensemble: Any, output: str) -> dict:
+    """Write the members of ``ensemble`` as one weights file, ``output``, with its recipe beside it; the recipe.
+
+    The state dict holds member ``i``'s tensors under ``members.<i>.`` (the state dict of an :class:`EnsembleNetwork`
+    of them); the recipe holds the members' agreed settings (:data:`AGREED_SETTINGS`, checked as for ``--ensemble``),
+    the first member's widths, skip mode and slice axis, and ``ensemble``: each member's ``features``, ``skip`` and
+    ``slice_axis``. ``scripts/package_bundle.py --ensemble`` ships it as the bundle's ``models/model.pt`` with a
+    ``network_def`` that builds the ensemble (:func:`packed_network_def`), which is how MONAI Label, which builds
+    ``network_def`` and loads ``models/model.pt`` into it, serves an ensemble.
+    """
+    from .checkpoints import _load_state, write_recipe
+    from .files import atomic_path
+
+    paths = member_paths(ensemble)
+    recipes = check_members(paths)
+    if any("ensemble" in recipe for recipe in recipes):
+        raise ValueError("an ensemble member is itself a packed ensemble: pack the original members instead.")
+    state = {f"members.{i}.{key}": value for i, path in enumerate(paths) for key, value in _load_state(path).items()}
+    first = recipes[0]
+    recipe = {name: first[name] for name in AGREED_SETTINGS if name in first}
+    recipe.update(features=first["features"], skip=first.get("skip", "cat"), slice_axis=first.get("slice_axis", 2))
+    recipe["ensemble"] = [
+        {"features": r["features"], "skip": r.get("skip", "cat"), "slice_axis": int(r.get("slice_axis", 2))}
+        for r in recipes
+    ]
+    with atomic_path(output) as tmp:
+        torch.save(state, tmp)
+    write_recipe(output, recipe)
+    logger.info(f"packed {len(paths)} models into {output}")
+    return recipe
+
+
+def packed_network_def(network_def: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict:
+    """The ``network_def`` config item of the ensemble a packed recipe describes: an :class:`EnsembleNetwork` whose
+    members are ``network_def`` (the single segmentor's item) with each member's widths and skip mode."""
+    members = [
+        {**copy.deepcopy(dict(network_def)), "features": m["features"], "skip": m["skip"]} for m in recipe["ensemble"]
+    ]
+    return {
+        "_target_": "bundle.ensemble.EnsembleNetwork",
+        "members": members,
+        "multiclass": "@is_multiclass",
+        "slice_axes": [m["slice_axis"] for m in recipe["ensemble"]],
+    }

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
 from bundle import __version__  # noqa: E402
 from bundle.checkpoints import read_recipe, recipe_path, segmentor_settings  # noqa: E402
 from bundle.constants import LABEL_NAMES, REGION_LABEL_PRESETS, REGION_PRESETS  # noqa: E402
+from bundle.ensemble import pack, packed_network_def  # noqa: E402
 from bundle.files import atomic_path  # noqa: E402
 
 WEIGHT_FILES = ("model.pt", "model.ts")
@@ -275,6 +276,14 @@ def _bundle_files(
     return files
 
 
+def _ensemble_inference(source: Path, recipe: dict) -> bytes:
+    """``configs/inference.json`` for a packed ensemble: ``network_def`` builds it, ``view_axes`` are its members'."""
+    config = json.loads(source.read_text())
+    config["network_def"] = packed_network_def(config["network_def"], recipe)
+    config["view_axes"] = [m["slice_axis"] for m in recipe["ensemble"]]
+    return (json.dumps(config, indent=4) + "\n").encode()
+
+
 def _write_zip(out: Path, name: str, files: dict[str, bytes]) -> None:
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "x", zipfile.ZIP_DEFLATED) as archive:
         for relative in sorted(files):
@@ -291,9 +300,15 @@ def main(
     base_url: str = "",
     include_weights: bool = True,
     layout: str = "zip",
+    ensemble: list[str] | str = "",
 ) -> str:
     """Write ``<output_dir>/<name>_v<version>.zip`` from ``bundle_root``, print its sha256, return its path; with
-    ``layout="huggingface"``, the Hub repository's folder ``<output_dir>/<name>/`` instead (its path)."""
+    ``layout="huggingface"``, the Hub repository's folder ``<output_dir>/<name>/`` instead (its path).
+
+    With ``ensemble`` (weight files, as inference's ``--ensemble``) the bundle ships them packed as one
+    ``models/model.pt`` (``bundle.ensemble.pack``) and a ``configs/inference.json`` whose ``network_def`` is their
+    ensemble, so MONAI Label and ``monai.bundle load`` serve it as one model; ``models/model.pt`` of ``bundle_root``
+    is not shipped then."""
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: choose one of {list(LAYOUTS)}.")
     include_weights = _flag(include_weights, "include_weights")
@@ -310,8 +325,26 @@ def main(
             f"configs/metadata.json's changelog has no entry for its version {version}: add one (the "
             "model zoo's Hugging Face check requires it)."
         )
+    packed = Path(tempfile.mkdtemp(prefix="segan_ensemble_")) if ensemble else None
+    try:
+        return _package(root, source_metadata, output_dir, name, base_url, include_weights, layout, ensemble, packed)
+    finally:
+        if packed is not None:
+            shutil.rmtree(packed, ignore_errors=True)
+
+
+def _package(root, source_metadata, output_dir, name, base_url, include_weights, layout, ensemble, packed) -> str:
+    version = source_metadata["version"]
     models = root / "models"
-    recipe = _check_weights(models / "model.pt")
+    if ensemble:
+        recipe = pack(ensemble, str(packed / "model.pt"))
+        models = packed
+        print(
+            f"models/model.pt: an ensemble of {len(recipe['ensemble'])} models, slice axes "
+            f"{[m['slice_axis'] for m in recipe['ensemble']]}"
+        )
+    else:
+        recipe = _check_weights(models / "model.pt")
     weights = [models / f for f in WEIGHT_FILES if (models / f).is_file()]
     if not include_weights and not base_url and layout == "zip":
         raise ValueError(
@@ -322,6 +355,8 @@ def main(
     files = _bundle_files(
         root, Path(recipe_path(str(models / "model.pt"))), weights, metadata, include_weights, base_url
     )
+    if packed is not None:
+        files["configs/inference.json"] = _ensemble_inference(root / "configs" / "inference.json", recipe)
     if layout == "huggingface":
         return _huggingface_folder(Path(output_dir) / name, root, files, weights, include_weights, base_url)
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, load_script
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import read_recipe
@@ -148,3 +148,48 @@ def test_the_multi_view_ensemble_evaluates_through_the_configs(sagittal, demo_di
         "tumor_core",
         "enhancing_tumor",
     }
+
+
+@pytest.mark.slow
+def test_a_packed_multi_view_ensemble_is_served_as_one_model(sagittal, demo_dir, tmp_path, monkeypatch):
+    """``package_bundle.py --ensemble`` ships the members as one ``models/model.pt`` and a ``network_def`` that builds
+    their ensemble: the unpacked bundle's own inference equals ``--ensemble`` of the members, and so does what MONAI
+    Label does with it (build ``network_def``, load ``models/model.pt`` strictly, run preprocessing, inferer and
+    postprocessing)."""
+    import zipfile
+
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, SaveImaged
+
+    members = [str(sagittal[axis] / "models" / "model.pt") for axis in (2, 0)]
+    common = dict(dataset_dir=str(demo_dir), num_workers=0, progress=False)
+    run(config_file=INFERENCE, ensemble=members, output_dir=str(tmp_path / "option"), **common)
+
+    package = load_script("package_bundle")
+    archive = package.main(output_dir=str(tmp_path / "dist"), bundle_root=str(ROOT), ensemble=members)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "unpacked")
+    bundle = tmp_path / "unpacked" / "segan"
+    assert read_recipe(str(bundle / "models" / "model.pt"))["ensemble"][1]["slice_axis"] == 0
+    run(config_file=str(bundle / "configs" / "inference.json"), output_dir=str(tmp_path / "packed"), **common)
+
+    monkeypatch.syspath_prepend(str(bundle))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.config.update({"bundle_root": str(bundle), "device": "cpu", "dataset_dir": str(demo_dir)})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
+    network.eval()
+    pre = Compose(parser.get_parsed_content("preprocessing").transforms)
+    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
+    inferer = parser.get_parsed_content("inferer")
+    items = {item["case"]: item for item in parser.get_parsed_content("dataset#data")}
+    for case in ("Demo_000", "Demo_003"):
+        option = np.asarray(nib.load(str(tmp_path / "option" / f"{case}_seg.nii.gz")).dataobj)
+        packed = np.asarray(nib.load(str(tmp_path / "packed" / f"{case}_seg.nii.gz")).dataobj)
+        np.testing.assert_array_equal(packed, option)
+        data = pre(dict(items[case]))
+        with torch.no_grad():
+            data["pred"] = inferer(data["image"][None], network)[0]
+        served = np.asarray(post(data)["pred"]).squeeze(0)
+        np.testing.assert_array_equal(served, option)
