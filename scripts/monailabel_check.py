@@ -105,9 +105,11 @@ def _package_module():
     return module
 
 
-def _copy_bundle(app: Path, ckpt_path: Path) -> tuple[Path, dict]:
+def _copy_bundle(app: Path, ckpt_path: Path, ensemble: list[str] | None = None) -> tuple[Path, dict]:
     """The bundle in ``<app>/model/segan`` as ``scripts/package_bundle.py`` packages it; its folder and the
-    metadata written there (``network_data_format`` from the weights' recipe, which ``/info`` lists)."""
+    metadata written there (``network_data_format`` from the weights' recipe, which ``/info`` lists). With
+    ``ensemble``, its members packed as one ``models/model.pt`` and an ``inference.json`` that builds them, as
+    ``package_bundle.py --ensemble`` ships them."""
     package = _package_module()
     target = app / "model" / NAME
     # configs/datalist* name local data and stay out; bundle/datalist.py is code and goes in
@@ -116,9 +118,14 @@ def _copy_bundle(app: Path, ckpt_path: Path) -> tuple[Path, dict]:
         shutil.copytree(ROOT / part, target / part, ignore=shutil.ignore_patterns(*ignore))
     shutil.copy(ROOT / "LICENSE", target)
     (target / "models").mkdir()
-    shutil.copy(ckpt_path, target / "models" / "model.pt")
-    shutil.copy(recipe_path(str(ckpt_path)), target / "models" / "model_recipe.json")
-    recipe = package._check_weights(target / "models" / "model.pt")  # refuses weights without their recipe
+    if ensemble:
+        recipe = package.pack(ensemble, str(target / "models" / "model.pt"))
+        inference = package._ensemble_inference(ROOT / "configs" / "inference.json", recipe)
+        (target / "configs" / "inference.json").write_bytes(inference)
+    else:
+        shutil.copy(ckpt_path, target / "models" / "model.pt")
+        shutil.copy(recipe_path(str(ckpt_path)), target / "models" / "model_recipe.json")
+        recipe = package._check_weights(target / "models" / "model.pt")  # refuses weights without their recipe
     metadata = package._metadata(json.loads((ROOT / "configs" / "metadata.json").read_text()), recipe)
     (target / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
     return target, metadata
@@ -241,14 +248,18 @@ def main(
     num_cases: int = 3,
     start_timeout: float = 900,
     label_convention: str = "",
+    ensemble: list[str] | str = "",
 ) -> None:
     """Run every check; raise ``SystemExit(1)`` if one fails. ``label_convention`` (default: the one recorded in
-    the weights' recipe) is the demo studies' and must be the weights'."""
+    the weights' recipe) is the demo studies' and must be the weights'. ``ensemble`` (weight files) serves their
+    packed ensemble instead of ``ckpt_path`` (``package_bundle.py --ensemble``); such a bundle does not train, so
+    ``/train`` is not tried."""
     import nibabel as nib
     import numpy as np
     import torch
 
-    ckpt = Path(ckpt_path)
+    members = [ensemble] if isinstance(ensemble, str) and ensemble else list(ensemble or [])
+    ckpt = Path(members[0] if members else ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"no trained weights at {ckpt}: train first (python -m monai.bundle run training --config_file "
@@ -273,7 +284,7 @@ def main(
 
     app = work / "app"
     shutil.copytree(_sample_app(Path(venv)), app, ignore=shutil.ignore_patterns("__pycache__"))
-    bundle_root, metadata = _copy_bundle(app, ckpt)
+    bundle_root, metadata = _copy_bundle(app, ckpt, members)
     ids = _studies(work / "studies", num_cases, convention)
     _say(f"app {app}, bundle {bundle_root}, label_convention {convention}, studies {ids}")
     channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
@@ -371,33 +382,36 @@ def main(
             f"{int((back == first).sum()) if back.shape == first.shape else 0} of {first.size} voxels equal",
         )
 
-        model = bundle_root / "models" / "model.pt"
-        before = torch.load(model, weights_only=True)
-        started = time.time()
-        try:
-            answer = _request(
-                f"{base}/train/{NAME}?run_sync=true",
-                json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}).encode(),
-                {"Content-Type": "application/json"},
-            ).decode(errors="replace")
-        except urllib.error.HTTPError as error:  # the server stays up: record the failure and go on
-            for _ in range(20):  # the server logs the traceback after it has answered
-                time.sleep(0.5)
-                lines = log.read_text(errors="replace").splitlines()
-                since = max((i for i, line in enumerate(lines) if "Train request" in line), default=0)
-                errors = [line for line in lines[since:] if "Error: " in line]  # the first is the cause
-                if errors:
-                    break
-            answer = f"HTTP {error.code}; the server log's first error since: {errors[0] if errors else '(none)'}"
-        after = torch.load(model, weights_only=True)
-        changed = any(not torch.equal(after[k], before[k]) for k in before)
-        check(
-            "/train 1 epoch rewrote models/model.pt",
-            changed and after.keys() == before.keys(),
-            f"{time.time() - started:.0f} s, answer {answer[:400]}",
-        )
-        _infer(base, REORIENTED, work / f"{REORIENTED}_after_train.nii.gz")
-        check("/infer after /train", True, "answers with the model.pt the training left")
+        if members:
+            _say(f"/train not tried: a bundle serving an ensemble of {len(members)} models does not train")
+        else:
+            model = bundle_root / "models" / "model.pt"
+            before = torch.load(model, weights_only=True)
+            started = time.time()
+            try:
+                answer = _request(
+                    f"{base}/train/{NAME}?run_sync=true",
+                    json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.34, "multi_gpu": False}).encode(),
+                    {"Content-Type": "application/json"},
+                ).decode(errors="replace")
+            except urllib.error.HTTPError as error:  # the server stays up: record the failure and go on
+                for _ in range(20):  # the server logs the traceback after it has answered
+                    time.sleep(0.5)
+                    lines = log.read_text(errors="replace").splitlines()
+                    since = max((i for i, line in enumerate(lines) if "Train request" in line), default=0)
+                    errors = [line for line in lines[since:] if "Error: " in line]  # the first is the cause
+                    if errors:
+                        break
+                answer = f"HTTP {error.code}; the server log's first error since: {errors[0] if errors else '(none)'}"
+            after = torch.load(model, weights_only=True)
+            changed = any(not torch.equal(after[k], before[k]) for k in before)
+            check(
+                "/train 1 epoch rewrote models/model.pt",
+                changed and after.keys() == before.keys(),
+                f"{time.time() - started:.0f} s, answer {answer[:400]}",
+            )
+            _infer(base, REORIENTED, work / f"{REORIENTED}_after_train.nii.gz")
+            check("/infer after /train", True, "answers with the model.pt the training left")
     finally:
         _say(f"stopping the server (pid {server.pid})")
         if server.poll() is None:
