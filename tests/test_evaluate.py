@@ -383,3 +383,22 @@ def test_lesion_wise_report_equals_the_official_evaluation_of_the_written_label_
     )
     assert float(case_0["lesion_dice_whole_tumor"]) < float(case_0["dice_whole_tumor"]) - 0.4
     assert float(rows[1]["lesion_dice_whole_tumor"]) == 1.0 and float(rows[1]["lesion_hd95_whole_tumor"]) == 0.0
+
+
+def test_overlay_cases_zero_writes_the_metrics_and_no_figure(tmp_path):
+    data = tmp_path / "data"
+    label = np.zeros(SHAPE, np.uint8)
+    label[10:22, 9:21, 6:16] = 2
+    item = _write_case(data, "Case_0", label, _regions(label))
+    (tmp_path / "datalist.json").write_text(json.dumps({"validation": [item]}))
+    out = tmp_path / "eval"
+    _evaluate(
+        [INFERENCE, EVALUATE],
+        _pass_through_root(tmp_path),
+        out,
+        dataset_dir=str(data),
+        data_list_file_path=str(tmp_path / "datalist.json"),
+        network_def=PASS_THROUGH,
+        overlay_cases=0,
+    )
+    assert (out / "metrics_per_case.csv").is_file() and not (out / "overlay.png").exists()
