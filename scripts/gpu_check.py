@@ -36,6 +36,7 @@ TRAINING_PATHS = {
     "S3-1C": (("configs/variants/s3_1c.json",), {}),
     "S1-1C": (("configs/variants/s1_1c.json",), {}),
     "S3-3C 2.5D": (("configs/variants/context_2_5d.json",), {}),
+    "S3-3C sagittal": ((), {"slice_axis": 0}),
     "S3-3C 3D": (("configs/variants/segan3d.json",), {"roi_size": [32, 32, 32], "channels_last": False}),
     "U-net": (("configs/variants/unet.json",), {"dice_weight": 1.0}),
     "Moeskops": (
