@@ -50,19 +50,33 @@ def post_treatment_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def post_treatment_bundle(tmp_path_factory, post_treatment_dir) -> Path:
-    """A bundle root whose ``models/model.pt`` is a tiny segmentor trained 1 epoch on ``post_treatment_dir`` with
-    ``--label_convention brats2024`` through ``monai.bundle run`` (its recipe records the convention)."""
+def tiny_bundle(tmp_path_factory):
+    """``train(dataset_dir, **overrides)``: the bundle root of a tiny segmentor (``helpers.TINY``, 1 epoch unless
+    overridden) trained on ``dataset_dir`` through ``monai.bundle run``, trained once per distinct settings in the
+    session and shared by every test that asks for the same ones. Tests read it (they may add files beside the
+    weights, e.g. an ONNX export) and write their outputs elsewhere."""
+    import json
+
     from helpers import TINY
     from monai.bundle.scripts import run
 
-    root = tmp_path_factory.mktemp("bundle2024")
-    run(
-        "training",
-        config_file=str(ROOT / "configs" / "train.json"),
-        bundle_root=str(root),
-        dataset_dir=str(post_treatment_dir),
-        label_convention="brats2024",
-        **{**TINY, "max_epochs": 1},
-    )
-    return root
+    trained = {}
+
+    def train(dataset_dir, **overrides) -> Path:
+        settings = {**TINY, "max_epochs": 1, **overrides}
+        key = json.dumps({"dataset_dir": str(dataset_dir), **settings}, sort_keys=True)
+        if key not in trained:
+            root = tmp_path_factory.mktemp("tiny_bundle")
+            config = str(ROOT / "configs" / "train.json")
+            run("training", config_file=config, bundle_root=str(root), dataset_dir=str(dataset_dir), **settings)
+            trained[key] = root
+        return trained[key]
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def post_treatment_bundle(tiny_bundle, post_treatment_dir) -> Path:
+    """A bundle root whose ``models/model.pt`` is a tiny segmentor trained 1 epoch on ``post_treatment_dir`` with
+    ``--label_convention brats2024`` through ``monai.bundle run`` (its recipe records the convention)."""
+    return tiny_bundle(post_treatment_dir, label_convention="brats2024")

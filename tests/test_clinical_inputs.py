@@ -21,14 +21,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY
+from helpers import ROOT
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
 from bundle.geometry import CanonicalFramed
 from bundle.loading import LoadCaseImaged
 
-TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
 SUFFIXES = ("t1", "t1ce", "t2", "flair", "seg")
 CASE = "Demo_001"
@@ -200,14 +199,10 @@ def _dice(a, b):
 
 
 @pytest.fixture(scope="module")
-def trained(demo_dir, tmp_path_factory):
+def trained(demo_dir, tiny_bundle):
     """Tiny weights trained on the demo (Dice term, Adam): enough to segment its synthetic tumours."""
-    from monai.bundle.scripts import run
-
-    root = tmp_path_factory.mktemp("clinical_bundle")
-    settings = {**TINY, "max_epochs": 30, "optimizer_name": "adam", "learning_rate": 0.01, "dice_weight": 1.0}
-    run("training", config_file=TRAIN, bundle_root=str(root), dataset_dir=str(demo_dir), progress=False, **settings)
-    return root / "models" / "model.pt"
+    settings = {"max_epochs": 30, "optimizer_name": "adam", "learning_rate": 0.01, "dice_weight": 1.0}
+    return tiny_bundle(demo_dir, progress=False, **settings) / "models" / "model.pt"
 
 
 def _segment(data_dir, out_dir, weights):

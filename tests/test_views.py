@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, load_script
+from helpers import ROOT, load_script
 from monai.bundle.scripts import run
 
 from bundle.checkpoints import read_recipe
@@ -16,7 +16,6 @@ from bundle.ensemble import EnsembleNetwork
 from bundle.inferers import ForegroundSliceInferer
 from bundle.transforms import ContextSlicesd, view_grid, view_order
 
-TRAIN = str(ROOT / "configs" / "train.json")
 INFERENCE = str(ROOT / "configs" / "inference.json")
 EVALUATE = str(ROOT / "configs" / "evaluate.json")
 
@@ -83,20 +82,9 @@ def test_a_multi_view_ensemble_averages_every_members_probability_along_its_own_
 
 
 @pytest.fixture(scope="module")
-def sagittal(tmp_path_factory, demo_dir):
-    """A tiny model trained along the first stored axis, and one along the third (axial), 1 epoch each."""
-    roots = {}
-    for axis in (0, 2):
-        root = tmp_path_factory.mktemp(f"axis{axis}")
-        run(
-            "training",
-            config_file=TRAIN,
-            bundle_root=str(root),
-            dataset_dir=str(demo_dir),
-            **{**TINY, "max_epochs": 1, "slice_axis": axis},
-        )
-        roots[axis] = root
-    return roots
+def sagittal(tiny_bundle, demo_dir):
+    """A tiny model trained along the first stored axis, and one along the third (axial, the default), 1 epoch each."""
+    return {0: tiny_bundle(demo_dir, slice_axis=0), 2: tiny_bundle(demo_dir)}
 
 
 @pytest.mark.slow
