@@ -21,7 +21,7 @@ pays only for the modules it touches.
 import importlib
 import pkgutil
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 #: Every module of the package, found on disk rather than kept by hand (a new module is reachable from the
 #: configs as ``@segan.<module>`` without an edit here).

@@ -28,6 +28,16 @@ class ForegroundSliceInferer(SliceInferer):
     other setting (a smaller ``roi_size``, a blend mode other than ``constant``, extra network arguments) goes
     through ``SliceInferer``.
 
+    ``slice_margin`` (the configs' key of that name, where ``crop_foreground`` and ``crop_slices`` are on) narrows
+    each whole slice to its own foreground: the box of its nonzero voxels (any channel), widened by ``slice_margin``
+    and outwards to multiples of ``slice_grid`` (the segmentor's ``2 ** levels``), so that it stays on the
+    network's down-sampling grid as :class:`bundle.transforms.CropForegroundToGridd` does for the volume. Slices
+    whose boxes have the same size are batched together, the largest first; outside its box, and in a slice with
+    no foreground, a slice's output is ``background_logit`` (a sigmoid of 0 in float32). A brain's slices narrow
+    towards its top and bottom, so this skips part of the volume crop's pixels; a small box gives the network less
+    context than the volume crop did, which is why the configs' margin (32) is wider than ``foreground_margin``
+    (``docs/performance.md`` has both figures). ``None`` (the default) keeps whole slices.
+
     Views: a volume stays in its stored frame and ``slice_axis`` (0, 1 or 2, :func:`bundle.transforms.view_order`)
     says which stored axis the network slices along; the volume is permuted to that view for the network and its
     output permuted back. A multi-view ensemble (:class:`bundle.ensemble.EnsembleNetwork` whose members were
@@ -37,13 +47,34 @@ class ForegroundSliceInferer(SliceInferer):
     Args:
         out_channels: channels of the network's output (one per region).
         slice_axis: the stored axis to slice along; 2 (the default) is the axial one of BraTS-layout volumes.
+        slice_margin: voxels of context kept around each slice's foreground (whole slices only); ``None``: none
+            cropped.
+        slice_grid: the multiple each slice's box is aligned to and sized in.
+        background_logit: the output outside a slice's box.
         args, kwargs: as ``monai.inferers.SliceInferer``.
     """
 
-    def __init__(self, out_channels: int, *args: Any, slice_axis: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        out_channels: int,
+        *args: Any,
+        slice_axis: int = 2,
+        slice_margin: int | None = None,
+        slice_grid: int = 16,
+        background_logit: float = -1e4,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.out_channels = int(out_channels)
         self.slice_axis = view_order(slice_axis)[-1]
+        self.slice_margin = None if slice_margin is None else int(slice_margin)
+        self.slice_grid = int(slice_grid)
+        self.background_logit = float(background_logit)
+        if self.slice_margin is not None and (self.slice_margin < 0 or self.slice_grid < 1):
+            raise ValueError(
+                f"slice_margin must be >= 0 and slice_grid >= 1, got {slice_margin} and {slice_grid} "
+                "(foreground_margin and the segmentor's 2 ** levels in the configs)."
+            )
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if 0 in inputs.shape[2:]:
@@ -93,34 +124,91 @@ class ForegroundSliceInferer(SliceInferer):
         )
 
     def _slice_batches(self, inputs: torch.Tensor, network) -> torch.Tensor:
-        """The network over batches of whole slices, grouped as MONAI's sliding window groups its windows."""
+        """The network over batches of whole slices, grouped as MONAI's sliding window groups its windows, or over
+        each slice's foreground box (``slice_margin``), batched by box size."""
         from monai.utils import convert_to_dst_type
 
         plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         batch, channels, height, width, depth = plain.shape
         # every slice of every case, case-major as sliding_window_inference enumerates its windows, copied once
         # into the layout the network's weights use (channels-last: (N, H, W, C) memory, NCHW shape)
-        if _memory_format(network) == torch.channels_last:
+        memory_format = _memory_format(network)
+        if memory_format == torch.channels_last:
             slices = plain.permute(0, 4, 2, 3, 1).reshape(batch * depth, height, width, channels).permute(0, 3, 1, 2)
         else:
             slices = plain.permute(0, 4, 1, 2, 3).reshape(batch * depth, channels, height, width)
+        total = batch * depth
+        if self.slice_margin is None:  # consecutive whole slices: views of ``slices``, no copies
+            runs = [
+                (range(start, min(start + self.sw_batch_size, total)), None)
+                for start in range(0, total, self.sw_batch_size)
+            ]
+        else:
+            runs = self._box_runs(slices)
         output = None
         with torch.inference_mode():
-            for start in range(0, batch * depth, self.sw_batch_size):
-                pred = network(slices[start : start + self.sw_batch_size])
-                if not isinstance(pred, torch.Tensor) or tuple(pred.shape[2:]) != (height, width):
+            for indices, boxes in runs:
+                if boxes is None:
+                    part = slices[indices[0] : indices[-1] + 1]
+                else:
+                    part = torch.stack([slices[n, :, y0:y1, x0:x1] for n, (y0, y1, x0, x1) in zip(indices, boxes)])
+                    part = part.contiguous(memory_format=memory_format)
+                pred = network(part)
+                if not isinstance(pred, torch.Tensor) or tuple(pred.shape[2:]) != tuple(part.shape[2:]):
                     return super().__call__(inputs, network)  # outputs SliceInferer restacks itself
                 if output is None:
-                    with torch.inference_mode(False):  # a normal tensor, free to be changed in place later
-                        output = torch.empty(
-                            (batch, pred.shape[1], height, width, depth), dtype=plain.dtype, device=plain.device
-                        )
-                stop = start + pred.shape[0]
-                for b in range(start // depth, (stop - 1) // depth + 1):  # a batch may span two cases
-                    first, last = max(start, b * depth), min(stop, (b + 1) * depth)
-                    part = pred[first - start : last - start].permute(1, 2, 3, 0)
-                    output[b, ..., first - b * depth : last - b * depth].copy_(part)
+                    output = self._output(plain, pred.shape[1])
+                if boxes is None:
+                    start, stop = indices[0], indices[-1] + 1
+                    for b in range(start // depth, (stop - 1) // depth + 1):  # a batch may span two cases
+                        first, last = max(start, b * depth), min(stop, (b + 1) * depth)
+                        part = pred[first - start : last - start].permute(1, 2, 3, 0)
+                        output[b, ..., first - b * depth : last - b * depth].copy_(part)
+                else:
+                    for k, (n, (y0, y1, x0, x1)) in enumerate(zip(indices, boxes)):
+                        output[n // depth, :, y0:y1, x0:x1, n % depth].copy_(pred[k])
+        if output is None:  # no slice with foreground
+            output = self._output(plain, self.out_channels)
         return convert_to_dst_type(output, inputs, device=inputs.device)[0]
+
+    def _output(self, plain: torch.Tensor, channels: int) -> torch.Tensor:
+        """The (B, channels, H, W, D) output, filled with ``background_logit`` where slices are cropped."""
+        batch, _, height, width, depth = plain.shape
+        with torch.inference_mode(False):  # a normal tensor, free to be changed in place later
+            output = torch.empty((batch, channels, height, width, depth), dtype=plain.dtype, device=plain.device)
+            if self.slice_margin is not None:
+                output.fill_(self.background_logit)
+        return output
+
+    def _box_runs(self, slices: torch.Tensor) -> list:
+        """Batches of at most ``sw_batch_size`` slices whose boxes have the same size: (slice indices, boxes)."""
+        height, width = slices.shape[2:]
+        grid, margin = self.slice_grid, self.slice_margin
+        if height % grid or width % grid:  # off the grid the boxes could not be sized in its multiples
+            grid, margin = 1, max(height, width)
+        foreground = slices.ne(0).any(1)  # (N, H, W)
+        rows, columns = foreground.any(2), foreground.any(1)
+        groups: dict = {}
+        for n in range(slices.shape[0]):
+            if not rows[n].any():
+                continue  # no foreground: background, no network call
+            top, bottom = _aligned(rows[n], margin, grid)
+            left, right = _aligned(columns[n], margin, grid)
+            groups.setdefault((bottom - top, right - left), []).append((n, (top, bottom, left, right)))
+        runs = []  # the largest boxes first: later, smaller batches reuse the memory their activations freed
+        for _, members in sorted(groups.items(), key=lambda item: -item[0][0] * item[0][1]):
+            for start in range(0, len(members), self.sw_batch_size):
+                chunk = members[start : start + self.sw_batch_size]
+                runs.append(([n for n, _ in chunk], [box for _, box in chunk]))
+        return runs
+
+
+def _aligned(occupied: torch.Tensor, margin: int, grid: int) -> tuple[int, int]:
+    """[start, stop) of the ``True`` entries of a 1D mask, widened by ``margin`` and outwards to ``grid``,
+    within ``[0, len(occupied)]`` (a multiple of ``grid``)."""
+    where = torch.nonzero(occupied).flatten()
+    start, stop = max(int(where[0]) - margin, 0), min(int(where[-1]) + 1 + margin, occupied.numel())
+    return start // grid * grid, min(-(-stop // grid) * grid, occupied.numel())
 
 
 def _memory_format(network) -> torch.memory_format:

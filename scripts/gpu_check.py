@@ -44,7 +44,9 @@ TRAINING_PATHS = {
         {"network_def#features": 8, "discriminator_features": 8, "discriminator_hidden": 16},
     ),
 }
-OTHER_PATHS = ("DDP", "inference BraTS-sized")
+#: the BraTS-sized inference paths and their overrides: the default (whole slices of the head crop on a GPU) and
+#: each slice cut to its own foreground box, the CPU default (``crop_slices``), to choose the GPU's default by
+OTHER_PATHS = {"DDP": {}, "inference BraTS-sized": {}, "inference BraTS-sized, slice crops": {"crop_slices": True}}
 TINY = {
     "demo_num_cases": 12,
     "demo_shape": [64, 64, 32],
@@ -91,7 +93,7 @@ def gpu_check(
         device: ``"auto"`` (CUDA when present), ``"cuda"`` or ``"cpu"``: picks the AMP dtype and the GPU-only speed
             keys; the configs run on CUDA whenever torch sees it.
         paths: names from the trainer paths (S3-3C, S3-1C, S1-1C, S3-3C 2.5D, S3-3C 3D, U-net, Moeskops), ``DDP`` and
-            ``inference BraTS-sized``.
+            ``inference BraTS-sized`` and ``inference BraTS-sized, slice crops``.
         epochs: training epochs per trainer path.
         work_dir: folder of the demo data and of every run's bundle root and log.
         out: JSON file for the results (default ``<work_dir>/gpu_check.json``).
@@ -121,7 +123,7 @@ def gpu_check(
     data = {"demo_dir": str(work / "data"), **TINY}
     results = []
     for name in names:
-        run_root = work / name.replace(" ", "_").replace(".", "")
+        run_root = work / name.replace(" ", "_").replace(".", "").replace(",", "")
         run_root.mkdir(parents=True, exist_ok=True)
         log = run_root / "run.log"
         settings = {**data, **speed, "bundle_root": str(run_root), "max_epochs": int(epochs)}
@@ -159,7 +161,7 @@ def gpu_check(
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             ok, seconds, _ = _run(command, log, env)
         else:
-            ok, seconds = _inference_brats_sized(run_root, settings, log)
+            ok, seconds = _inference_brats_sized(run_root, {**settings, **OTHER_PATHS[name]}, log)
         results.append({"path": name, "ok": ok, "seconds": round(seconds, 1), "log": str(log)})
         print(f"{'PASS' if ok else 'FAIL'}  {name:<24} {seconds:7.1f} s  ({log})", flush=True)
     report = {
@@ -196,7 +198,7 @@ def _inference_brats_sized(run_root: Path, settings: dict, log: Path) -> tuple[b
     keep = {
         k: v
         for k, v in settings.items()
-        if k in ("amp", "amp_dtype", "device", "channels_last", "cudnn_benchmark", "bundle_root")
+        if k in ("amp", "amp_dtype", "device", "channels_last", "cudnn_benchmark", "bundle_root", "crop_slices")
     }
     command = [
         sys.executable,

@@ -1,7 +1,7 @@
 """Write the downloadable bundle: ``<name>_v<version>.zip`` with one top-level folder ``<name>/``.
 
     python scripts/package_bundle.py --output_dir dist
-    python scripts/package_bundle.py --output_dir dist --base_url https://example.org/segan/v0.3.0
+    python scripts/package_bundle.py --output_dir dist --base_url https://example.org/segan/v0.3.1
 
 The zip holds what the bundle needs to run where it is unpacked, and nothing else: ``configs/`` (without
 ``datalist*`` files, which name local data), ``models/`` (``model.pt``, ``model.ts`` if exported, its README),

@@ -174,7 +174,14 @@ def test_foreground_crop_equals_the_full_frame_inside_the_head_and_is_background
 ):
     data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
     _infer(bundle_root, data, tmp_path / "full", crop_foreground=False, head_guard=False)
-    _infer(bundle_root, data, tmp_path / "cropped", foreground_margin=RECEPTIVE_RADIUS, head_guard=False)
+    _infer(
+        bundle_root,
+        data,
+        tmp_path / "cropped",
+        foreground_margin=RECEPTIVE_RADIUS,
+        slice_margin=RECEPTIVE_RADIUS,
+        head_guard=False,
+    )
     full = np.asarray(nib.load(str(tmp_path / "full" / "Demo_000_seg.nii.gz")).dataobj)
     cropped = np.asarray(nib.load(str(tmp_path / "cropped" / "Demo_000_seg.nii.gz")).dataobj)
     head = nib.load(str(data / "Demo_000" / "Demo_000_t1.nii.gz")).get_fdata() != 0
@@ -363,3 +370,29 @@ def test_inference_datalist_errors_name_the_path(tmp_path):
         inference_datalist(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="nothing to segment"):
         inference_datalist("")
+
+
+def test_slices_cut_to_their_own_foreground_give_the_volume_crops_labels(tmp_path, demo_dir, tiny_bundle):
+    # crop_slices (the CPU default) against the volume crop alone, a trained segmentor, a head in a frame of air
+    root = tiny_bundle(demo_dir)
+    data = _in_air(demo_dir, "Demo_000", tmp_path / "air")
+    weights = str(root / "models" / "model.pt")
+    _infer(root, data, tmp_path / "slices", ckpt_path=weights, num_workers=4)  # one case: the loader runs inline
+    _infer(root, data, tmp_path / "volume", ckpt_path=weights, crop_slices=False)
+    slices = np.asarray(nib.load(str(tmp_path / "slices" / "Demo_000_seg.nii.gz")).dataobj)
+    volume = np.asarray(nib.load(str(tmp_path / "volume" / "Demo_000_seg.nii.gz")).dataobj)
+    assert volume.any()
+    np.testing.assert_array_equal(slices, volume)
+
+
+def test_the_loader_starts_no_more_processes_than_cases_after_the_first(tmp_path, demo_dir):
+    # one case: no loader process to start (it would only load that case while the network waits)
+    single = _in_air(demo_dir, "Demo_000", tmp_path / "one", frame=(48, 40, 6), offset=(0, 0, 0), blank=True)
+    counts = {}
+    for dataset_dir in (single, demo_dir):
+        parser = ConfigParser()
+        parser.read_config(INFERENCE)
+        parser.update({"bundle_root": str(ROOT), "dataset_dir": str(dataset_dir), "num_workers": 4})
+        counts[len(parser.get_parsed_content("dataset"))] = parser.get_parsed_content("dataloader").num_workers
+    assert counts[1] == 0 and len(counts) == 2
+    assert all(workers == min(4, cases - 1) >= 1 for cases, workers in counts.items() if cases > 1)
