@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.inferers import SliceInferer
 
-from .transforms import view_order
+from .transforms import view_order, widen_to_grid
 
 __all__ = ["ForegroundSliceInferer", "OnnxRuntimeNetwork"]
 
@@ -73,7 +73,7 @@ class ForegroundSliceInferer(SliceInferer):
         if self.slice_margin is not None and (self.slice_margin < 0 or self.slice_grid < 1):
             raise ValueError(
                 f"slice_margin must be >= 0 and slice_grid >= 1, got {slice_margin} and {slice_grid} "
-                "(foreground_margin and the segmentor's 2 ** levels in the configs)."
+                "(slice_margin and the segmentor's 2 ** levels in the configs)."
             )
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
@@ -190,10 +190,12 @@ class ForegroundSliceInferer(SliceInferer):
         rows, columns = foreground.any(2), foreground.any(1)
         groups: dict = {}
         for n in range(slices.shape[0]):
-            if not rows[n].any():
+            ys, xs = torch.nonzero(rows[n]).flatten(), torch.nonzero(columns[n]).flatten()
+            if not len(ys):
                 continue  # no foreground: background, no network call
-            top, bottom = _aligned(rows[n], margin, grid)
-            left, right = _aligned(columns[n], margin, grid)
+            start = [max(int(ys[0]) - margin, 0), max(int(xs[0]) - margin, 0)]
+            end = [min(int(ys[-1]) + 1 + margin, height), min(int(xs[-1]) + 1 + margin, width)]
+            (top, left), (bottom, right) = (v.tolist() for v in widen_to_grid(start, end, grid, (height, width)))
             groups.setdefault((bottom - top, right - left), []).append((n, (top, bottom, left, right)))
         runs = []  # the largest boxes first: later, smaller batches reuse the memory their activations freed
         for _, members in sorted(groups.items(), key=lambda item: -item[0][0] * item[0][1]):
@@ -201,14 +203,6 @@ class ForegroundSliceInferer(SliceInferer):
                 chunk = members[start : start + self.sw_batch_size]
                 runs.append(([n for n, _ in chunk], [box for _, box in chunk]))
         return runs
-
-
-def _aligned(occupied: torch.Tensor, margin: int, grid: int) -> tuple[int, int]:
-    """[start, stop) of the ``True`` entries of a 1D mask, widened by ``margin`` and outwards to ``grid``,
-    within ``[0, len(occupied)]`` (a multiple of ``grid``)."""
-    where = torch.nonzero(occupied).flatten()
-    start, stop = max(int(where[0]) - margin, 0), min(int(where[-1]) + 1 + margin, occupied.numel())
-    return start // grid * grid, min(-(-stop // grid) * grid, occupied.numel())
 
 
 def _memory_format(network) -> torch.memory_format:

@@ -29,6 +29,7 @@ __all__ = [
     "SLICE_AXES",
     "view_order",
     "view_grid",
+    "widen_to_grid",
     "source_name",
 ]
 
@@ -241,6 +242,14 @@ def any_nonzero(image: torch.Tensor) -> torch.Tensor:
     return (image != 0).any(0, keepdim=True)
 
 
+def widen_to_grid(start, end, grid, size) -> tuple[np.ndarray, np.ndarray]:
+    """The box ``[start, end)`` widened outwards to multiples of ``grid`` per axis, within ``[0, size)``: it then
+    starts on the network's down-sampling grid (the volume crop here, each slice's box in
+    :class:`bundle.inferers.ForegroundSliceInferer`)."""
+    start, end, grid = np.asarray(start), np.asarray(end), np.asarray(grid)
+    return np.floor_divide(start, grid) * grid, np.minimum(-np.floor_divide(-end, grid) * grid, np.asarray(size))
+
+
 class _GridCropForeground(CropForeground):
     """``CropForeground`` whose box (foreground bounding box plus margin) is widened outwards to a grid."""
 
@@ -252,10 +261,7 @@ class _GridCropForeground(CropForeground):
         start, end = super().compute_bounding_box(img)  # margin added and clipped to the image (allow_smaller)
         if (end <= start).any():  # no foreground: an empty box, nothing to compute
             return np.zeros_like(start), np.zeros_like(end)
-        size = np.asarray(img.shape[1:])
-        start = np.floor_divide(start, self.grid) * self.grid
-        end = np.minimum(-np.floor_divide(-end, self.grid) * self.grid, size)
-        return start, end
+        return widen_to_grid(start, end, self.grid, img.shape[1:])
 
 
 class CropForegroundToGridd(CropForegroundd):
