@@ -37,6 +37,27 @@ def messages(error: BaseException) -> str:
     return "\n".join(f"{type(e).__name__}: {e}" for e in seen)
 
 
+def small_train_parser(dataset_dir, **overrides):
+    """A ``ConfigParser`` of ``configs/train.json`` on ``dataset_dir`` with small crops and batches (36x32x24
+    volumes, 24x20 patches, 2 volumes x 5 slices, no loader processes), updated with ``overrides``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update(
+        {
+            "dataset_dir": dataset_dir,
+            "num_workers": 0,
+            "crop_size": [36, 32, 24],
+            "patch_size": [24, 20],
+            "slices_per_volume": 5,
+            "volumes_per_batch": 2,
+            **overrides,
+        }
+    )
+    return parser
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module, so a test can call its ``main``."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

@@ -7,6 +7,7 @@ cache that would not fit with the key to change; ``cache_dir`` caches on disk.
 
 import pytest
 import torch
+from helpers import small_train_parser
 from monai.transforms import Transposed
 
 from bundle.memory import (
@@ -116,26 +117,6 @@ def test_a_quantised_cache_refuses_a_sampler_that_cannot_restore_it():
         TrainingCache(cache_dtype="uint8", sampler=sampler)
 
 
-def _parser(data, **overrides):
-    from helpers import ROOT
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "train.json"))
-    parser.update(
-        {
-            "dataset_dir": data,
-            "num_workers": 0,
-            "crop_size": [36, 32, 24],
-            "patch_size": [24, 20],
-            "slices_per_volume": 5,
-            "volumes_per_batch": 2,
-            **overrides,
-        }
-    )
-    return parser
-
-
 def _first_batch(parser):
     from monai.utils import set_determinism
 
@@ -158,14 +139,14 @@ def test_the_training_config_caches_uint8_on_disk_and_gives_the_batches_of_the_m
 
     from bundle.guards import require_foreground
 
-    memory = _parser(demo_data, cache_dtype="uint8")
+    memory = small_train_parser(demo_data, cache_dtype="uint8")
     assert isinstance(memory.get_parsed_content("train#dataset"), CacheDataset)
     assert require_foreground(memory.get_parsed_content("train#dataset"), memory.get_parsed_content("regions"))
-    disk = _parser(demo_data, cache_dtype="uint8", cache_dir=str(tmp_path / "cache"))
+    disk = small_train_parser(demo_data, cache_dtype="uint8", cache_dir=str(tmp_path / "cache"))
     assert isinstance(disk.get_parsed_content("train#dataset"), PersistentDataset)
     expected, got = _first_batch(memory), _first_batch(disk)
     assert any((tmp_path / "cache").iterdir())
-    reference = _first_batch(_parser(demo_data))
+    reference = _first_batch(small_train_parser(demo_data))
     for key in KEYS:
         assert torch.equal(got[key], expected[key])
         assert got[key].dtype == torch.float32
@@ -174,7 +155,7 @@ def test_the_training_config_caches_uint8_on_disk_and_gives_the_batches_of_the_m
 
 
 def test_the_training_config_stops_before_caching_when_memory_is_short(demo_data):
-    parser = _parser(demo_data, cache_memory_fraction=1e-9)
+    parser = small_train_parser(demo_data, cache_memory_fraction=1e-9)
     with pytest.raises(RuntimeError) as raised:  # MONAI's instantiation wraps the error, which it chains
         parser.get_parsed_content("train#dataset")
     assert isinstance(raised.value.__cause__, MemoryError) and "--cache_dtype" in str(raised.value.__cause__)

@@ -58,8 +58,7 @@ def test_a_2d_image_is_refused_with_its_key():
 
 
 def test_the_training_loader_gives_the_same_batches_with_either_cache_layout(tmp_path):
-    from helpers import ROOT
-    from monai.bundle import ConfigParser
+    from helpers import small_train_parser
     from monai.utils import set_determinism
 
     from bundle.demo import make_demo_dataset
@@ -67,19 +66,7 @@ def test_the_training_loader_gives_the_same_batches_with_either_cache_layout(tmp
     data = make_demo_dataset(str(tmp_path / "demo"), num_cases=4, shape=(40, 36, 24), seed=2)
     batches = {}
     for slice_major in (True, False):
-        parser = ConfigParser()
-        parser.read_config(str(ROOT / "configs" / "train.json"))
-        parser.update(
-            {
-                "dataset_dir": data,
-                "num_workers": 0,
-                "crop_size": [36, 32, 24],
-                "patch_size": [24, 20],
-                "slices_per_volume": 5,
-                "volumes_per_batch": 2,
-                "slice_major": slice_major,
-            }
-        )
+        parser = small_train_parser(data, slice_major=slice_major)
         assert parser.get_parsed_content("slice_sampler").slice_dim == (1 if slice_major else 3)
         set_determinism(seed=0)
         batches[slice_major] = next(iter(parser.get_parsed_content("train#dataloader")))
